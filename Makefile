@@ -1,0 +1,29 @@
+# Two entry points: `make demo` and `make test`. Both create .venv and install everything on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.install-stamp
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml Makefile | $(PY)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev]" $(TORCH_PINS)
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/ffclip edit --out artifacts/demo/edit.png \
+		--prompt "blond hair" --prompt "a smiling face" --prompt "wearing glasses" --prompt "an old person"
+
+test: install
+	$(PY) -m pytest -q -n 2 --durations=15
+
+clean:
+	rm -rf artifacts build dist *.egg-info

@@ -1,0 +1,82 @@
+"""FFCLIP's semantic modulation stack (DESIGN §4): text embedding + `w+` -> edited `w+`.
+
+Module names follow the released checkpoint (`q_matrix`, `attention_layer.k_matrix`, `gamma_.{0,1,3}`, ...) so it
+loads by stripping a prefix. The channel cross-attention never forms `V2 @ A`: `mean_L(V2 A) = mean_L(V2) A`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MapperConfig
+
+INJECTION_SLOPE = 0.01
+
+
+def _injection_mlp(dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.LeakyReLU(INJECTION_SLOPE), nn.Linear(dim, dim))
+
+
+class ChannelAttention(nn.Module):
+    """Step 3: channel cross-attention between the layers' channels and the text embedding."""
+
+    def __init__(self, num_ws: int, dim: int):
+        super().__init__()
+        self.q_matrix = nn.Linear(dim, dim, bias=False)
+        self.k_matrix = nn.Linear(1, num_ws, bias=False)
+        self.v_matrix = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        q2 = self.q_matrix(x)  # [B, L, D]
+        k2 = self.k_matrix(e.transpose(1, 2))  # [B, D, L]
+        v2_mean = self.v_matrix(x).mean(dim=1, keepdim=True)  # [B, 1, D]
+        attn = torch.softmax(k2 @ q2 / math.sqrt(x.shape[-1]), dim=-1)  # [B, D, D]
+        return F.layer_norm(v2_mean @ attn, (x.shape[-1],))
+
+
+class MapperBlock(nn.Module):
+    """One block: normalise across layers, layer selection, channel attention, text-conditioned injection."""
+
+    def __init__(self, num_ws: int, dim: int):
+        super().__init__()
+        self.q_matrix = nn.Linear(dim, dim, bias=False)
+        self.k_matrix = nn.Linear(dim, dim, bias=False)
+        self.v_matrix = nn.Linear(dim, dim, bias=False)
+        self.attention_layer = ChannelAttention(num_ws, dim)
+        self.gamma_ = _injection_mlp(dim)
+        self.beta_ = _injection_mlp(dim)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
+        scores = self.k_matrix(x) @ self.q_matrix(e).transpose(1, 2)  # [B, L, 1]
+        h = torch.softmax(scores, dim=1) * self.v_matrix(x)
+        h = F.layer_norm(h + self.attention_layer(x, e), (x.shape[-1],))
+        return F.leaky_relu(h * (1 + self.gamma_(e)) + self.beta_(e), INJECTION_SLOPE)
+
+
+class Mapper(nn.Module):
+    """`mapper(w_plus [B,L,D], text_embedding [B,D]) -> w_plus + delta [B,L,D]`."""
+
+    def __init__(self, config: MapperConfig):
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleList(MapperBlock(config.num_ws, config.dim) for _ in range(config.num_blocks))
+
+    @property
+    def num_ws(self) -> int:
+        return self.config.num_ws
+
+    def delta(self, w_plus: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
+        """The edit direction `x_4` that the stage adds to `w_plus`."""
+        e = text_embedding[:, None, :]
+        x = w_plus
+        for block in self.blocks:
+            x = block(x, e)
+        return x
+
+    def forward(self, w_plus: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
+        return w_plus + self.delta(w_plus, text_embedding)
