@@ -78,3 +78,42 @@ def load_bundle(path: str | os.PathLike, expect_kind: str | None = None) -> Bund
     if expect_kind is not None and kind != expect_kind:
         raise CheckpointError(f"{path}: an ffclip {kind} bundle, but a {expect_kind} was expected")
     return Bundle(kind=kind, config=json.loads(meta["config"]), state_dict=tensors, extra=json.loads(meta["extra"]))
+
+
+def save_module(path: str | os.PathLike, module: torch.nn.Module, extra: dict[str, Any] | None = None) -> Path:
+    """Save a `Generator`, `Mapper` or `TextEncoder` as a bundle (its config and its state dict)."""
+    from ..config import to_dict
+    from ..models import Generator, Mapper, TextEncoder
+
+    kinds = {Generator: "generator", Mapper: "mapper", TextEncoder: "text_encoder"}
+    kind = next((k for cls, k in kinds.items() if isinstance(module, cls)), None)
+    if kind is None:
+        raise TypeError(f"cannot bundle a {type(module).__name__}; expected Generator, Mapper or TextEncoder")
+    info = dict(extra or {})
+    if kind == "text_encoder":
+        info["vision"] = module.has_vision
+    return save_bundle(path, kind, to_dict(module.config), module.state_dict(), info)
+
+
+def module_from_bundle(bundle: Bundle) -> torch.nn.Module:
+    """Rebuild the stage a bundle holds, in eval mode, loading its tensors strictly."""
+    from ..config import GeneratorConfig, MapperConfig, TextConfig, from_dict
+    from ..models import Generator, Mapper, TextEncoder
+    from ..models.text_encoder import build_clip
+
+    if bundle.kind == "generator":
+        module = Generator(from_dict(GeneratorConfig, bundle.config))
+    elif bundle.kind == "mapper":
+        module = Mapper(from_dict(MapperConfig, bundle.config))
+    else:
+        config = from_dict(TextConfig, bundle.config)
+        module = TextEncoder(build_clip(config), config)
+        if not bundle.extra.get("vision", True):
+            module.drop_vision()
+    module.load_state_dict(bundle.state_dict, strict=True)
+    return module.eval().requires_grad_(False)
+
+
+def load_module(path: str | os.PathLike, expect_kind: str | None = None) -> torch.nn.Module:
+    """Load the stage saved by `save_module`."""
+    return module_from_bundle(load_bundle(path, expect_kind))
