@@ -1,0 +1,70 @@
+"""Options shared by the commands that load the three stages (edit, export, bench)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from ..config import PRESETS
+
+
+@dataclass(frozen=True)
+class StageSources:
+    """Where each stage's weights come from; None means the preset's embedded seeded-random default."""
+
+    generator: Path | None
+    mapper: Path | None
+    clip: Path | None
+    clip_model: str | None
+    preset: str
+
+    @property
+    def is_embedded_default(self) -> bool:
+        return self.generator is None and self.mapper is None and self.clip is None
+
+    def load(self, device: str = "cpu"):
+        """Load (text encoder, mapper, generator)."""
+        from ..checkpoints import load_generator, load_mapper, load_text_encoder
+
+        text = load_text_encoder(self.clip, self.clip_model, preset=self.preset, device=device)
+        mapper = load_mapper(self.mapper, preset=self.preset, device=device)
+        generator = load_generator(self.generator, preset=self.preset, device=device)
+        return text, mapper, generator
+
+
+def _file(help_text: str) -> Callable:
+    return click.option(
+        help_text.split()[0],
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help=" ".join(help_text.split()[1:]),
+    )
+
+
+def stage_options(command: Callable) -> Callable:
+    """Add --generator/--mapper/--clip/--clip-model/--preset and pass them as one `sources: StageSources`."""
+    options = [
+        _file("--generator StyleGAN2 checkpoint: rosinality .pt, NVIDIA .pkl, FFCLIP release or ffclip bundle."),
+        _file("--mapper FFCLIP mapper checkpoint: the released layout or an ffclip bundle."),
+        _file("--clip CLIP weights: open_clip .bin/.safetensors, OpenAI ViT-B-32.pt, or an ffclip bundle."),
+        click.option("--clip-model", default=None, help="open_clip architecture of --clip (default ViT-B-32)."),
+        click.option(
+            "--preset",
+            type=click.Choice(sorted(PRESETS)),
+            default="demo",
+            show_default=True,
+            help="Configuration used for any stage whose file is not given (seeded random weights).",
+        ),
+    ]
+
+    @functools.wraps(command)
+    def wrapper(generator, mapper, clip, clip_model, preset, **kwargs):
+        return command(sources=StageSources(generator, mapper, clip, clip_model, preset), **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
