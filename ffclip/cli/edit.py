@@ -1,0 +1,105 @@
+"""`ffclip edit`: originals and their edits for several prompts, in one PNG grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+
+from ..errors import InputError
+from .options import StageSources, stage_options
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.command()
+@stage_options
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Edit description; repeat for several.")
+@click.option(
+    "--latents",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="w+ latents to edit (.npy or .pt, [B,L,512] or [B,512]); default: sample with --seed/--num.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling latents.")
+@click.option("--num", type=click.IntRange(1, 64), default=4, show_default=True, help="How many latents to sample.")
+@click.option("--truncation", type=click.FloatRange(0, 1), default=0.7, show_default=True, help="Truncation psi.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("artifacts/edit.png"),
+    show_default=True,
+    help="Grid PNG to write; edited latents go beside it as <name>_latents.npy.",
+)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option(
+    "--artifacts",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Serve the edit from an ffclip-export folder instead of the checkpoints.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "eager", "torchscript", "onnxruntime", "tensorrt", "triton"]),
+    default="auto",
+    show_default=True,
+    help="Backend for --artifacts.",
+)
+def edit(
+    sources: StageSources,
+    prompts: tuple[str, ...],
+    latents: Path | None,
+    seed: int,
+    num: int,
+    truncation: float,
+    out: Path,
+    device: str,
+    artifacts: Path | None,
+    backend: str,
+) -> None:
+    """Edit images from text prompts and write originals and edits as one PNG grid."""
+    from ..imaging import save_grid, to_uint8
+    from ..latents import load_latents, save_latents
+
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--out {out}: the grid is a PNG; give a file name ending in .png")
+    stages, sampler = _open_stages(sources, device, artifacts, backend)
+    w = load_latents(latents, stages.num_ws) if latents else sampler.sample_latents(num, seed, truncation)
+    embeddings = stages.encode_text(list(prompts))
+
+    _say(f"rendering {w.shape[0]} original(s) at {stages.resolution} px")
+    columns = [to_uint8(stages.synthesize(w))]
+    edited = []
+    for i, prompt in enumerate(prompts):
+        _say(f"editing [{i + 1}/{len(prompts)}] {prompt!r}")
+        w_edit = stages.modulate(w, embeddings[i : i + 1].expand(w.shape[0], -1))
+        edited.append(w_edit)
+        columns.append(to_uint8(stages.synthesize(w_edit)))
+
+    save_grid(out, columns, ["original", *prompts])
+    latents_path = save_latents(out.with_name(f"{out.stem}_latents.npy"), torch.stack(edited))
+    click.echo(f"wrote {out} ({len(prompts) + 1} columns x {w.shape[0]} rows)")
+    click.echo(f"wrote {latents_path} (edited latents [prompts, batch, layers, 512])")
+
+
+def _open_stages(sources: StageSources, device: str, artifacts: Path | None, backend: str):
+    """The stages to run (an `EditPipeline` or a `Runtime`) and the pipeline that samples latents."""
+    from ..pipeline import EditPipeline
+
+    if artifacts is None:
+        pipeline = EditPipeline(*sources.load(device), device=device)
+        if sources.is_embedded_default:
+            _say(
+                f"note: using the embedded '{sources.preset}' default; its weights are seeded random, not trained, "
+                "so the pictures are not faces and the edits are not meaningful. Pass --generator/--mapper/--clip "
+                "for real weights."
+            )
+        return pipeline, pipeline
+    from ..runtime import Runtime
+
+    runtime = Runtime.load(artifacts, backend=backend, device=device)
+    _say(f"serving from {artifacts} with the {runtime.backend} backend")
+    return runtime, runtime

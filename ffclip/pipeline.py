@@ -1,0 +1,75 @@
+"""The eager editing pipeline: prompts -> CLIP embedding -> mapper -> generator, on PyTorch modules."""
+
+from __future__ import annotations
+
+import torch
+
+from .devices import resolve_device
+from .errors import InputError
+from .imaging import to_uint8
+from .latents import check_latents
+from .models import Generator, Mapper, TextEncoder
+
+
+class EditPipeline:
+    """The three stages in a row. Same method names as `ffclip.runtime.Runtime`, so callers can use either."""
+
+    def __init__(self, text_encoder: TextEncoder, mapper: Mapper, generator: Generator, device: str = "cpu"):
+        if mapper.num_ws != generator.num_ws:
+            raise InputError(
+                f"the mapper edits {mapper.num_ws} style layers but the generator has {generator.num_ws} "
+                f"({generator.resolution} px); use a mapper trained for this generator"
+            )
+        if text_encoder.embed_dim != mapper.config.dim:
+            raise InputError(
+                f"the text encoder gives {text_encoder.embed_dim}-wide embeddings but the mapper expects "
+                f"{mapper.config.dim}; use the CLIP model the mapper was trained with"
+            )
+        self.device = resolve_device(device)
+        self.text_encoder = text_encoder.to(self.device).eval()
+        self.mapper = mapper.to(self.device).eval()
+        self.generator = generator.to(self.device).eval()
+
+    @property
+    def num_ws(self) -> int:
+        return self.generator.num_ws
+
+    @property
+    def resolution(self) -> int:
+        return self.generator.resolution
+
+    @torch.no_grad()
+    def sample_latents(self, num: int, seed: int = 0, truncation: float = 1.0) -> torch.Tensor:
+        """`w+ [num, L, 512]` from seeded `z` through the mapping network, truncated towards `w_avg`."""
+        if num < 1:
+            raise InputError(f"--num must be at least 1, got {num}")
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(num, self.generator.config.style_dim, generator=g)
+        return self.generator.mapping(z.to(self.device), truncation).float().cpu()
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Raw CLIP text embeddings, float32 `[P, 512]`."""
+        return self.text_encoder.encode(list(prompts)).float().cpu()
+
+    @torch.no_grad()
+    def modulate(self, latents: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """Edited latents `[B, L, 512]` for `latents [B, L, 512]` and `embeddings [B, 512]`."""
+        w = check_latents(latents, self.num_ws).to(self.device)
+        return self.mapper(w, embeddings.float().to(self.device)).cpu()
+
+    @torch.no_grad()
+    def synthesize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images float32 `[B, 3, R, R]`, roughly in [-1, 1]."""
+        w = check_latents(latents, self.num_ws).to(self.device)
+        return self.generator.synthesis(w).float().cpu()
+
+    def edit(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """uint8 images `[B, R, R, 3]`: one prompt applied to every latent, or one prompt per latent."""
+        w = check_latents(latents, self.num_ws)
+        e = self.encode_text(prompts)
+        if e.shape[0] == 1:
+            e = e.expand(w.shape[0], -1)
+        elif e.shape[0] != w.shape[0]:
+            raise InputError(f"{len(prompts)} prompts for {w.shape[0]} latents; give one prompt, or one per latent")
+        return to_uint8(self.synthesize(self.modulate(w, e)))
