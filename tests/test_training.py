@@ -1,0 +1,71 @@
+"""The mapper training loop on tiny models: it learns, leaves the frozen stages alone, saves and resumes."""
+
+import pytest
+import torch
+
+from ffclip.checkpoints.bundle import load_module
+from ffclip.config import GeneratorConfig, MapperConfig, TextConfig
+from ffclip.errors import InputError
+from ffclip.factory import build_generator, build_mapper, build_text_encoder
+from ffclip.training import MapperTrainer, TrainConfig, plot_losses, step_decay
+
+TINY_CLIP = TextConfig(
+    model="tiny",
+    embed_dim=512,
+    text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
+    vision_cfg={"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+)
+
+
+def tiny_trainer(steps=12, **overrides):
+    generator = build_generator(GeneratorConfig(resolution=16, style_dim=512, n_mlp=2,
+                                                channels={"4": 16, "8": 12, "16": 8}), seed=1)
+    text = build_text_encoder(TINY_CLIP, seed=2, vision=True)
+    mapper = build_mapper(MapperConfig(num_ws=generator.num_ws), seed=3)
+    latents = generator.mapping(torch.randn(2, 512, generator=torch.Generator().manual_seed(4)), 0.7)
+    settings = {"steps": steps, "batch_size": 2, "save_every": 5, "prompts": ("blond hair",), **overrides}
+    config = TrainConfig(**settings)
+    return MapperTrainer(mapper, generator, text, config, latents=latents)
+
+
+def test_step_decay_points():
+    assert [step_decay(s, 100, (0.5, 0.75, 0.9, 0.95), 0.1) for s in (0, 49, 50, 75, 90, 95, 99)] == pytest.approx(
+        [1, 1, 0.1, 0.01, 1e-3, 1e-4, 1e-4]
+    )
+
+
+def test_training_lowers_the_clip_loss_and_touches_only_the_mapper():
+    trainer = tiny_trainer(steps=15, lr=1e-2, decay_at=(), lambda_latent=0.0, lambda_embedding=0.0)
+    frozen = {k: v.clone() for k, v in trainer.generator.state_dict().items()}
+    frozen_text = {k: v.clone() for k, v in trainer.text_encoder.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.mapper.state_dict().items()}
+    for _ in range(15):
+        trainer.train_step()
+    first, last = trainer.history[0].clip, trainer.history[-1].clip
+    assert last < first - 1e-3, (first, last)
+    assert all(torch.equal(v, trainer.generator.state_dict()[k]) for k, v in frozen.items())
+    assert all(torch.equal(v, trainer.text_encoder.state_dict()[k]) for k, v in frozen_text.items())
+    assert any(not torch.equal(v, trainer.mapper.state_dict()[k]) for k, v in before.items())
+
+
+def test_save_resume_and_plot(tmp_path):
+    trainer = tiny_trainer(steps=6)
+    path = trainer.fit(tmp_path)
+    saved = load_module(path, expect_kind="mapper")
+    assert all(torch.equal(v, trainer.mapper.state_dict()[k]) for k, v in saved.state_dict().items())
+    resumed = tiny_trainer(steps=8)
+    resumed.resume(tmp_path)
+    assert resumed.step == 6 and len(resumed.history) == 6
+    resumed.fit(tmp_path)
+    assert resumed.step == 8
+    png = plot_losses(resumed.history, tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_needs_prompts_and_an_image_tower():
+    with pytest.raises(InputError, match="no training prompts"):
+        tiny_trainer(prompts=())
+    trainer = tiny_trainer()
+    trainer.text_encoder.drop_vision()
+    with pytest.raises(InputError, match="image tower"):
+        MapperTrainer(trainer.mapper, trainer.generator, trainer.text_encoder, trainer.config)
