@@ -46,8 +46,11 @@ def load_latents(path: str | os.PathLike, num_ws: int, dim: int = 512) -> torch.
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"{path}: cannot read latents ({exc.__class__.__name__}: {exc}); use a .npy or .pt file "
-                         "holding one float tensor") from None
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(
+            f"{path}: cannot read latents ({exc.__class__.__name__}: {detail}); use a .npy or .pt file holding one "
+            "float tensor"
+        ) from None
     if isinstance(data, dict) and len(data) == 1:
         data = next(iter(data.values()))
     return check_latents(data, num_ws, dim, where=str(path))

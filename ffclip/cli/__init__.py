@@ -61,7 +61,7 @@ def _run(command: click.Command, prog_name: str) -> None:
     try:
         command.main(prog_name=prog_name, standalone_mode=False)
     except FfclipError as exc:
-        click.echo(f"{prog_name}: error: {exc}", err=True)
+        click.echo(f"{prog_name}: error: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo(f"{prog_name}: aborted", err=True)

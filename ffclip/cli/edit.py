@@ -61,13 +61,14 @@ def edit(
     backend: str,
 ) -> None:
     """Edit images from text prompts and write originals and edits as one PNG grid."""
+    from ..devices import resolve_device
     from ..imaging import save_grid, to_uint8
     from ..latents import load_latents, save_latents
 
     if out.suffix.lower() != ".png":
         raise InputError(f"--out {out}: the grid is a PNG; give a file name ending in .png")
-    stages, sampler = _open_stages(sources, device, artifacts, backend)
-    w = load_latents(latents, stages.num_ws) if latents else sampler.sample_latents(num, seed, truncation)
+    stages = _open_stages(sources, resolve_device(device), artifacts, backend)
+    w = load_latents(latents, stages.num_ws) if latents else stages.sample_latents(num, seed, truncation)
     embeddings = stages.encode_text(list(prompts))
 
     _say(f"rendering {w.shape[0]} original(s) at {stages.resolution} px")
@@ -85,8 +86,8 @@ def edit(
     click.echo(f"wrote {latents_path} (edited latents [prompts, batch, layers, 512])")
 
 
-def _open_stages(sources: StageSources, device: str, artifacts: Path | None, backend: str):
-    """The stages to run (an `EditPipeline` or a `Runtime`) and the pipeline that samples latents."""
+def _open_stages(sources: StageSources, device: torch.device, artifacts: Path | None, backend: str):
+    """The stages to run: an `EditPipeline` on checkpoints, or a `Runtime` on exported artifacts."""
     from ..pipeline import EditPipeline
 
     if artifacts is None:
@@ -97,9 +98,9 @@ def _open_stages(sources: StageSources, device: str, artifacts: Path | None, bac
                 "so the pictures are not faces and the edits are not meaningful. Pass --generator/--mapper/--clip "
                 "for real weights."
             )
-        return pipeline, pipeline
+        return pipeline
     from ..runtime import Runtime
 
     runtime = Runtime.load(artifacts, backend=backend, device=device)
     _say(f"serving from {artifacts} with the {runtime.backend} backend")
-    return runtime, runtime
+    return runtime

@@ -1,0 +1,137 @@
+"""`ffclip edit` on the embedded default, and the one-line errors that bad input gets (exit status 2)."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ffclip.checkpoints.bundle import save_module
+from ffclip.cli import main
+from ffclip.config import MapperConfig, get_preset
+from ffclip.factory import build_mapper
+
+NUM_WS = get_preset("demo").generator.num_ws
+RES = get_preset("demo").generator.resolution
+
+
+def run(monkeypatch, capsys, *args):
+    """Run the real `ffclip` entry point in this process; returns (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["ffclip", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_user_error(code, err, *fragments):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("ffclip: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+@pytest.mark.slow
+def test_edit_on_embedded_default_writes_grid_and_latents(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "grid.png"
+    code, stdout, err = run(monkeypatch, capsys, "edit", "--num", 2, "--prompt", "blond hair", "--prompt", "smiling",
+                            "--out", out, "--device", "cpu")
+    assert code == 0, err
+    assert "seeded random" in err
+    header_and_rows = Image.open(out).size
+    assert header_and_rows[0] == 3 * RES
+    assert header_and_rows[1] > 2 * RES
+    latents = np.load(tmp_path / "grid_latents.npy")
+    assert latents.shape == (2, 2, NUM_WS, 512) and latents.dtype == np.float32
+    assert f"wrote {out}" in stdout
+    # the edit is deterministic and the two prompts give different latents
+    assert not np.allclose(latents[0], latents[1])
+
+
+@pytest.mark.slow
+def test_edit_reads_latents_and_broadcasts_w(monkeypatch, capsys, tmp_path):
+    w = tmp_path / "w.npy"
+    np.save(w, np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32))
+    code, _, err = run(monkeypatch, capsys, "edit", "--latents", w, "--prompt", "red hair",
+                       "--out", tmp_path / "one.png", "--device", "cpu")
+    assert code == 0, err
+    assert np.load(tmp_path / "one_latents.npy").shape == (1, 1, NUM_WS, 512)
+
+
+def test_wrong_kind_of_checkpoint(monkeypatch, capsys, tmp_path):
+    mapper_file = save_module(tmp_path / "mapper.safetensors", build_mapper(MapperConfig(num_ws=NUM_WS)))
+    code, _, err = run(monkeypatch, capsys, "edit", "--generator", mapper_file, "--prompt", "x",
+                       "--out", tmp_path / "g.png", "--device", "cpu")
+    assert_user_error(code, err, "mapper.safetensors")
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_truncated_checkpoint(monkeypatch, capsys, tmp_path):
+    whole = save_module(tmp_path / "whole.safetensors", build_mapper(MapperConfig(num_ws=NUM_WS)))
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    code, _, err = run(monkeypatch, capsys, "edit", "--mapper", cut, "--prompt", "x",
+                       "--out", tmp_path / "g.png", "--device", "cpu")
+    assert_user_error(code, err, "cut.pt")
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (np.zeros((2, 3, 512), np.float32), "shape"),
+        (np.zeros((2, NUM_WS, 512), np.int64), "floating point"),
+        (np.full((1, NUM_WS, 512), np.nan, np.float32), "NaN"),
+    ],
+)
+def test_bad_latents(monkeypatch, capsys, tmp_path, content, fragment):
+    path = tmp_path / "bad.npy"
+    np.save(path, content)
+    code, _, err = run(monkeypatch, capsys, "edit", "--latents", path, "--prompt", "x",
+                       "--out", tmp_path / "g.png", "--device", "cpu")
+    assert_user_error(code, err, "bad.npy", fragment)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_unreadable_latents(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "bad.pt"
+    path.write_text("not a tensor")
+    code, _, err = run(monkeypatch, capsys, "edit", "--latents", path, "--prompt", "x",
+                       "--out", tmp_path / "g.png", "--device", "cpu")
+    assert_user_error(code, err, "bad.pt")
+
+
+def test_empty_prompt(monkeypatch, capsys, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "edit", "--prompt", "  ", "--out", tmp_path / "g.png", "--device", "cpu")
+    assert_user_error(code, err, "empty")
+
+
+def test_missing_prompt_is_a_usage_error(monkeypatch, capsys, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "edit", "--out", tmp_path / "g.png")
+    assert code == 2 and "--prompt" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_long_prompt_is_truncated_with_a_warning(monkeypatch, capsys, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "edit", "--num", 1, "--prompt", "very " * 90 + "long",
+                       "--out", tmp_path / "g.png", "--device", "cpu")
+    assert code == 0, err
+    assert "ffclip: warning:" in err and "truncated" in err
+
+
+@pytest.mark.parametrize("device, fragment", [("banana", "unknown device"), ("cuda:7", "cuda:7")])
+def test_bad_device(monkeypatch, capsys, tmp_path, device, fragment):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    code, _, err = run(monkeypatch, capsys, "edit", "--prompt", "x", "--out", tmp_path / "g.png", "--device", device)
+    assert_user_error(code, err, fragment)
+
+
+def test_out_must_be_png(monkeypatch, capsys, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "edit", "--prompt", "x", "--out", tmp_path / "g.jpg")
+    assert_user_error(code, err, ".png")
