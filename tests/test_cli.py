@@ -135,3 +135,20 @@ def test_bad_device(monkeypatch, capsys, tmp_path, device, fragment):
 def test_out_must_be_png(monkeypatch, capsys, tmp_path):
     code, _, err = run(monkeypatch, capsys, "edit", "--prompt", "x", "--out", tmp_path / "g.jpg")
     assert_user_error(code, err, ".png")
+
+
+@pytest.mark.slow
+def test_train_then_edit_with_the_trained_mapper(monkeypatch, capsys, tmp_path):
+    code, stdout, err = run(monkeypatch, capsys, "train", "--steps", 2, "--batch-size", 1, "--out", tmp_path / "run",
+                            "--device", "cpu")
+    assert code == 0, err
+    mapper = tmp_path / "run" / "mapper.safetensors"
+    assert mapper.exists() and (tmp_path / "run" / "loss.png").exists()
+    code, _, err = run(monkeypatch, capsys, "edit", "--mapper", mapper, "--num", 1, "--prompt", "grey hair",
+                       "--out", tmp_path / "trained.png", "--device", "cpu")
+    assert code == 0, err
+
+
+def test_train_resume_needs_saved_state(monkeypatch, capsys, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "train", "--resume", "--out", tmp_path / "empty", "--device", "cpu")
+    assert_user_error(code, err, "train_state.pt")
