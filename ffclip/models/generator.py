@@ -64,6 +64,11 @@ class StyledConv(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, form: ops.ConvForm = "scaled") -> torch.Tensor:
         styles = self.affine(w) * self.style_gain
+        if form == "triton":
+            from ffclip.kernels import modulated_conv2d as fused
+
+            return fused(x, self.weight, styles, up=self.up, fir=self.fir, noise=self.noise,
+                         noise_strength=self.noise_strength, bias=self.bias, activation="lrelu")
         x = ops.modulated_conv2d(x, self.weight, styles, demodulate=True, up=self.up, form=form)
         if self.up:
             x = ops.blur_after_transpose(x, self.fir, self.weight.shape[-1])
@@ -84,6 +89,11 @@ class ToRGB(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, skip: torch.Tensor | None, form: ops.ConvForm = "scaled") -> torch.Tensor:
         styles = self.affine(w) * self.style_gain
+        if form == "triton":
+            from ffclip.kernels import modulated_conv2d as fused
+
+            residual = None if skip is None else ops.upsample2d(skip, self.fir)
+            return fused(x, self.weight, styles, demodulate=False, bias=self.bias, residual=residual)
         out = ops.modulated_conv2d(x, self.weight, styles, demodulate=False, form=form)
         out = out + self.bias.to(out.dtype)[None, :, None, None]
         if skip is not None:

@@ -7,6 +7,7 @@ loads by stripping a prefix. The channel cross-attention never forms `V2 @ A`: `
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,14 @@ from torch import nn
 from ..config import MapperConfig
 
 INJECTION_SLOPE = 0.01
+
+# "eager": the modules below; "triton": ffclip.kernels.mapper_block (imported on first use).
+MapperForm = Literal["eager", "triton"]
+
+
+def normalise_layers(x: torch.Tensor) -> torch.Tensor:
+    """Step 1: scale each channel of `x [B, L, D]` to unit second moment across the L layers."""
+    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
 
 
 def _injection_mlp(dim: int) -> nn.Sequential:
@@ -50,8 +59,12 @@ class MapperBlock(nn.Module):
         self.gamma_ = _injection_mlp(dim)
         self.beta_ = _injection_mlp(dim)
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        x = x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
+    def forward(self, x: torch.Tensor, e: torch.Tensor, form: MapperForm = "eager") -> torch.Tensor:
+        if form == "triton":
+            from ffclip.kernels import mapper_block
+
+            return mapper_block(self, x, e)
+        x = normalise_layers(x)
         scores = self.k_matrix(x) @ self.q_matrix(e).transpose(1, 2)  # [B, L, 1]
         h = torch.softmax(scores, dim=1) * self.v_matrix(x)
         h = F.layer_norm(h + self.attention_layer(x, e), (x.shape[-1],))
@@ -65,6 +78,7 @@ class Mapper(nn.Module):
         super().__init__()
         self.config = config
         self.blocks = nn.ModuleList(MapperBlock(config.num_ws, config.dim) for _ in range(config.num_blocks))
+        self.form: MapperForm = "eager"
 
     @property
     def num_ws(self) -> int:
@@ -75,7 +89,7 @@ class Mapper(nn.Module):
         e = text_embedding[:, None, :]
         x = w_plus
         for block in self.blocks:
-            x = block(x, e)
+            x = block(x, e, self.form)
         return x
 
     def forward(self, w_plus: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:

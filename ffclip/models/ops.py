@@ -4,6 +4,8 @@
 channels by the style, convolves with the one shared weight and scales the output channels by the demodulation
 coefficients, so it exports with a static weight and any batch size. "grouped" builds a weight per sample and runs a
 grouped convolution with `groups = batch`, as the reference implementations do; tests hold the two together.
+"triton" runs the fused Triton kernel of `ffclip.kernels` (imported on first use); the synthesis layers then also fuse
+their noise, bias and activation into it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-ConvForm = Literal["scaled", "grouped"]
+ConvForm = Literal["scaled", "grouped", "triton"]
 
 LRELU_SLOPE = 0.2
 LRELU_GAIN = math.sqrt(2.0)
@@ -85,7 +87,14 @@ def modulated_conv2d(
         return _modulated_conv2d_scaled(x, weight, styles, demodulate=demodulate, up=up)
     if form == "grouped":
         return _modulated_conv2d_grouped(x, weight, styles, demodulate=demodulate, up=up)
-    raise ValueError(f"unknown modulated convolution form {form!r}; use 'scaled' or 'grouped'")
+    if form == "triton":
+        if up:
+            # The transposed convolution stays with cuDNN (see ffclip.kernels.modulated_conv).
+            return _modulated_conv2d_scaled(x, weight, styles, demodulate=demodulate, up=up)
+        from ffclip.kernels import modulated_conv2d as fused
+
+        return fused(x, weight, styles, demodulate=demodulate)
+    raise ValueError(f"unknown modulated convolution form {form!r}; use 'scaled', 'grouped' or 'triton'")
 
 
 def _modulated_conv2d_scaled(x, weight, styles, *, demodulate: bool, up: bool) -> torch.Tensor:
