@@ -129,3 +129,14 @@ def test_presets_are_consistent():
     assert get_preset("ffhq-1024").generator.num_ws == 18
     with pytest.raises(ValueError, match="known presets"):
         get_preset("nope")
+
+
+def test_every_style_layer_reaches_the_image():
+    g = odd_generator(32)
+    w = g.mapping(torch.randn(1, 32), truncation=0.7).clone()
+    with torch.no_grad():
+        base = g.synthesis(w)
+        for j in range(g.num_ws):
+            moved = w.clone()
+            moved[:, j] += 1.0
+            assert not torch.allclose(g.synthesis(moved), base), f"style layer {j} is never read"

@@ -1,0 +1,132 @@
+"""Load each stage from the checkpoint files people hold (DESIGN §3), or from the preset's seeded default.
+
+Every loader sniffs the file, reads it without executing anything from it, infers the configuration from the
+tensors, loads strictly and returns the module in eval mode with gradients off. A file that cannot be used raises
+`CheckpointError` naming the file, what was found in it and the formats that stage accepts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..config import TextConfig, get_preset
+from ..factory import build_generator, build_mapper, build_text_encoder
+from ..errors import CheckpointError
+from ..models import Generator, Mapper, TextEncoder
+from . import clip, nvidia, release, rosinality
+from .bundle import load_bundle, load_module, module_from_bundle, save_module
+from .detect import FileKind, checkpoint_error, describe, read_torch_file, sniff
+
+__all__ = ["extract_generator", "load_generator", "load_mapper", "load_module", "load_text_encoder", "save_module"]
+
+GENERATOR_FORMATS = (
+    "a generator is read from an ffclip generator bundle (.safetensors), a rosinality .pt ('g_ema' + 'latent_avg'), "
+    "an NVIDIA .pkl ('G_ema') or an FFCLIP release checkpoint"
+)
+RELEASE_FORMATS = "the generator is extracted from an FFCLIP release checkpoint ('state_dict' + 'opts')"
+MAPPER_FORMATS = "a mapper is read from an ffclip mapper bundle (.safetensors) or an FFCLIP release checkpoint"
+TEXT_FORMATS = (
+    "a text encoder is read from an ffclip text_encoder bundle (.safetensors), an open_clip checkpoint "
+    "(.bin/.pt/.safetensors) or OpenAI's TorchScript CLIP archive (ViT-B-32.pt)"
+)
+
+
+def _bundle(path: str | os.PathLike, kind: str, accepted: str) -> torch.nn.Module:
+    found = load_bundle(path)
+    if found.kind != kind:
+        raise checkpoint_error(path, f"an ffclip {found.kind} bundle", accepted)
+    return module_from_bundle(found)
+
+
+def _wrong_kind(path: str | os.PathLike, kind: FileKind, obj: object, accepted: str) -> CheckpointError:
+    return checkpoint_error(path, f"{kind.description} {describe(obj)}", accepted)
+
+
+def load_generator(path: str | os.PathLike | None = None, *, preset: str = "demo", device: str = "cpu") -> Generator:
+    """The generator in `path` (bundle, rosinality, NVIDIA or FFCLIP release file), or the preset's default."""
+    if path is None:
+        p = get_preset(preset)
+        return build_generator(p.generator, p.seed + 2).to(device)
+    kind = sniff(path, GENERATOR_FORMATS)
+    if kind.kind == "bundle":
+        return _bundle(path, "generator", GENERATOR_FORMATS).to(device)
+    if kind.kind == "pickle":
+        obj = nvidia.read_pickle(path, GENERATOR_FORMATS)
+        if nvidia.is_nvidia(obj):
+            return nvidia.generator_from_pickle(obj, path, GENERATOR_FORMATS).to(device)
+    elif kind.kind in ("torch-zip", "torch-legacy"):
+        obj = read_torch_file(path, kind, GENERATOR_FORMATS)
+        if rosinality.is_rosinality(obj):
+            return rosinality.generator_from_checkpoint(obj, path, GENERATOR_FORMATS).to(device)
+        if release.is_release(obj):
+            return release.generator_from_release(obj, path, GENERATOR_FORMATS).to(device)
+    else:
+        raise checkpoint_error(path, kind.description, GENERATOR_FORMATS)
+    raise _wrong_kind(path, kind, obj, GENERATOR_FORMATS)
+
+
+def extract_generator(path: str | os.PathLike) -> Generator:
+    """The rosinality generator bundled in an FFCLIP release checkpoint (w_avg estimated, with a warning, if absent)."""
+    kind = sniff(path, RELEASE_FORMATS)
+    if kind.kind not in ("torch-zip", "torch-legacy"):
+        raise checkpoint_error(path, kind.description, RELEASE_FORMATS)
+    obj = read_torch_file(path, kind, RELEASE_FORMATS)
+    if not release.is_release(obj):
+        raise _wrong_kind(path, kind, obj, RELEASE_FORMATS)
+    return release.generator_from_release(obj, path, RELEASE_FORMATS)
+
+
+def load_mapper(path: str | os.PathLike | None = None, *, preset: str = "demo", device: str = "cpu") -> Mapper:
+    """The mapper in `path` (bundle or FFCLIP release checkpoint), or the preset's default."""
+    if path is None:
+        p = get_preset(preset)
+        return build_mapper(p.mapper, p.seed + 1).to(device)
+    kind = sniff(path, MAPPER_FORMATS)
+    if kind.kind == "bundle":
+        return _bundle(path, "mapper", MAPPER_FORMATS).to(device)
+    if kind.kind not in ("torch-zip", "torch-legacy"):
+        raise checkpoint_error(path, kind.description, MAPPER_FORMATS)
+    obj = read_torch_file(path, kind, MAPPER_FORMATS)
+    if not release.is_release(obj):
+        raise _wrong_kind(path, kind, obj, MAPPER_FORMATS)
+    return release.mapper_from_release(obj, path, MAPPER_FORMATS).to(device)
+
+
+def load_text_encoder(
+    path: str | os.PathLike | None = None,
+    model: str | TextConfig | None = None,
+    *,
+    preset: str = "demo",
+    vision: bool = False,
+    device: str = "cpu",
+) -> TextEncoder:
+    """The CLIP text encoder in `path`, or the preset's default. `model` is the architecture of an open_clip
+    checkpoint: an open_clip model name (default ViT-B-32) or a `TextConfig`; OpenAI archives and bundles carry their
+    own. `vision` keeps the image tower."""
+    if path is None:
+        p = get_preset(preset)
+        return build_text_encoder(p.text, p.seed, vision=vision).to(device)
+    kind = sniff(path, TEXT_FORMATS)
+    if kind.kind == "bundle":
+        encoder = _bundle(path, "text_encoder", TEXT_FORMATS)
+        if vision and not encoder.has_vision:
+            raise checkpoint_error(path, "a text_encoder bundle without the image tower", TEXT_FORMATS)
+        if not vision:
+            encoder.drop_vision()
+        return encoder.to(device)
+    if kind.kind == "torchscript":
+        state = clip.read_torchscript_state(path, TEXT_FORMATS)
+        found = "an OpenAI CLIP TorchScript archive"
+        try:
+            config = clip.openai_config(state, vision)
+        except (KeyError, ValueError) as exc:
+            raise checkpoint_error(path, f"a TorchScript archive that is not an OpenAI CLIP ({exc})", TEXT_FORMATS) from None
+    elif kind.kind in ("torch-zip", "torch-legacy", "safetensors"):
+        state = clip.read_open_clip_state(path, kind, TEXT_FORMATS)
+        config = model if isinstance(model, TextConfig) else clip.named_config(model or "ViT-B-32")
+        found = f"an open_clip checkpoint that does not fit the {config.model} architecture (pass model=)"
+    else:
+        raise checkpoint_error(path, kind.description, TEXT_FORMATS)
+    return clip.text_encoder_from_state(state, config, vision, path, found, TEXT_FORMATS).to(device)

@@ -137,7 +137,9 @@ class SynthesisNetwork(nn.Module):
                 x = block.conv0(x, ws[:, i], form)
                 i += 1
             x = block.conv1(x, ws[:, i], form)
-            img = block.torgb(x, ws[:, i + 1], img, form)
+            i += 1
+            # toRGB shares its style with the next block's first conv
+            img = block.torgb(x, ws[:, i], img, form)
         return img
 
 

@@ -1,0 +1,131 @@
+"""CLIP text towers from open_clip checkpoints and from OpenAI's TorchScript archives (`ViT-B-32.pt`).
+
+The TorchScript archive is read as data: its `data.pkl` goes through `RestrictedUnpickler` (module classes become
+`ModuleRecord`s, tensor bytes come from the archive's `data/` entries) and the code in it is never compiled or run.
+The architecture is inferred from tensor shapes as OpenAI's own loader does (heads = width / 64, QuickGELU).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import open_clip
+import torch
+from safetensors.torch import load_file
+
+from ..config import TextConfig
+from ..models import TextEncoder
+from ..models.text_encoder import build_clip
+from .detect import FileKind, checkpoint_error, describe, load_strict, read_torch_file
+from .safe_pickle import ModuleRecord, RestrictedUnpickler
+
+# Tensors OpenAI's models keep beside their weights: the causal mask and sizes stored as attributes.
+_NON_WEIGHTS = ("attn_mask", "input_resolution", "context_length", "vocab_size")
+# Image tower settings for a text-only model whose image tower is not a ViT; it is built and dropped at once.
+_DROPPED_VISION = {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16}
+
+
+def read_open_clip_state(path: str | os.PathLike, kind: FileKind, accepted: str) -> dict[str, torch.Tensor]:
+    """The CLIP state dict in a `.bin`/`.pt`/`.safetensors` file (also under 'state_dict', 'module.' prefixes)."""
+    if kind.kind == "safetensors":
+        try:
+            obj: Any = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise checkpoint_error(path, f"a safetensors file that cannot be read ({exc})", accepted) from None
+    else:
+        obj = read_torch_file(path, kind, accepted)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in obj.items()} if isinstance(obj, Mapping) else {}
+    if "token_embedding.weight" not in state:
+        raise checkpoint_error(path, f"{kind.description} {describe(obj)}, without CLIP text weights", accepted)
+    return state
+
+
+def read_torchscript_state(path: str | os.PathLike, accepted: str) -> dict[str, torch.Tensor]:
+    """Every tensor attribute of a TorchScript archive, by dotted path, read without loading the archive's code."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            data_pkl = next(n for n in z.namelist() if re.fullmatch(r"[^/]+/data\.pkl", n))
+            root = data_pkl.split("/")[0]
+            storages: dict[str, torch.Tensor] = {}
+
+            def storage(pid: Any) -> torch.Tensor:
+                _, dtype, key, _, _ = pid  # ('storage', dtype, key, location, numel)
+                if key not in storages:
+                    storages[key] = torch.frombuffer(bytearray(z.read(f"{root}/data/{key}")), dtype=dtype)
+                return storages[key]
+
+            obj = RestrictedUnpickler(io.BytesIO(z.read(data_pkl)), module_prefixes=("__torch__.",), storage=storage).load()
+    except Exception as exc:  # a damaged archive or a refused global
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise checkpoint_error(path, f"a TorchScript archive that cannot be read safely ({reason})", accepted) from None
+    if not isinstance(obj, ModuleRecord):
+        raise checkpoint_error(path, f"a TorchScript archive holding a {type(obj).__name__}", accepted)
+    return obj.flat_tensors()
+
+
+def openai_config(state: Mapping[str, torch.Tensor], vision: bool) -> TextConfig:
+    """The open_clip configuration of an OpenAI CLIP state dict (QuickGELU, 64-wide attention heads)."""
+    width = int(state["ln_final.weight"].shape[0])
+    text_cfg = {
+        "context_length": int(state["positional_embedding"].shape[0]),
+        "vocab_size": int(state["token_embedding.weight"].shape[0]),
+        "width": width,
+        "heads": width // 64,
+        "layers": _count_blocks(state, "transformer.resblocks."),
+    }
+    if "visual.conv1.weight" in state:
+        conv = state["visual.conv1.weight"]
+        grid = round(math.sqrt(state["visual.positional_embedding"].shape[0] - 1))
+        vision_cfg = {
+            "image_size": int(conv.shape[-1]) * grid,
+            "layers": _count_blocks(state, "visual.transformer.resblocks."),
+            "width": int(conv.shape[0]),
+            "patch_size": int(conv.shape[-1]),
+        }
+    elif vision:
+        raise ValueError("its image tower is not a ViT (only ViT image towers are supported)")
+    else:
+        vision_cfg = _DROPPED_VISION
+    return TextConfig(
+        model="openai", embed_dim=int(state["text_projection"].shape[1]), text_cfg=text_cfg, vision_cfg=vision_cfg,
+        quick_gelu=True,
+    )
+
+
+def _count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+
+def named_config(model: str) -> TextConfig:
+    """The configuration of the registered open_clip architecture `model`."""
+    cfg = open_clip.get_model_config(model) or {}
+    return TextConfig(model=model, embed_dim=int(cfg.get("embed_dim", TextConfig.embed_dim)))
+
+
+def text_encoder_from_state(
+    state: Mapping[str, torch.Tensor],
+    config: TextConfig,
+    vision: bool,
+    path: str | os.PathLike,
+    found: str,
+    accepted: str,
+) -> TextEncoder:
+    """A text encoder holding `state` (float32), strictly loaded; the image tower is dropped unless `vision`."""
+    encoder = TextEncoder(build_clip(config), config)
+    if not vision:
+        encoder.drop_vision()
+    kept = {
+        k: v.float()
+        for k, v in state.items()
+        if k.rsplit(".", 1)[-1] not in _NON_WEIGHTS and (vision or not k.startswith("visual."))
+    }
+    load_strict(encoder.clip, kept, path, found, accepted)
+    return encoder.eval().requires_grad_(False)
