@@ -56,6 +56,15 @@ def load_latents(path: str | os.PathLike, num_ws: int, dim: int = 512) -> torch.
     return check_latents(data, num_ws, dim, where=str(path))
 
 
+@torch.no_grad()
+def sample_latents(generator: torch.nn.Module, num: int, seed: int = 0, truncation: float = 1.0) -> torch.Tensor:
+    """float32 `w+ [num, L, D]` on the CPU: seeded `z` through `generator.mapping`, truncated towards `w_avg`."""
+    if num < 1:
+        raise InputError(f"the number of latents must be at least 1, got {num}")
+    z = torch.randn(num, generator.config.style_dim, generator=torch.Generator().manual_seed(seed))
+    return generator.mapping(z.to(generator.w_avg.device), truncation).float().cpu()
+
+
 def save_latents(path: str | os.PathLike, latents: torch.Tensor) -> Path:
     """Write latents as float32 `.npy`, atomically."""
     with atomic_file(path) as tmp:

@@ -7,7 +7,7 @@ import torch
 from .devices import resolve_device
 from .errors import InputError
 from .imaging import to_uint8
-from .latents import check_latents
+from .latents import check_latents, sample_latents
 from .models import Generator, Mapper, TextEncoder
 
 
@@ -38,14 +38,9 @@ class EditPipeline:
     def resolution(self) -> int:
         return self.generator.resolution
 
-    @torch.no_grad()
     def sample_latents(self, num: int, seed: int = 0, truncation: float = 1.0) -> torch.Tensor:
         """`w+ [num, L, 512]` from seeded `z` through the mapping network, truncated towards `w_avg`."""
-        if num < 1:
-            raise InputError(f"--num must be at least 1, got {num}")
-        g = torch.Generator().manual_seed(seed)
-        z = torch.randn(num, self.generator.config.style_dim, generator=g)
-        return self.generator.mapping(z.to(self.device), truncation).float().cpu()
+        return sample_latents(self.generator, num, seed, truncation)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:

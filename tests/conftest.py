@@ -1,9 +1,16 @@
-"""Shared test settings: deterministic, single-threaded torch per test process (the suite runs two processes)."""
+"""Shared test settings: Triton's interpreter on machines without a GPU, one torch thread pool per test process
+(the suite runs two processes), no TF32."""
 
 import os
+import shutil
 
-import pytest
-import torch
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be switched on before triton (which torch
+# may import) is first imported.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 

@@ -33,6 +33,21 @@ def build_clip(config: TextConfig) -> nn.Module:
     )
 
 
+def tokenize(tokenizer: SimpleTokenizer, prompts: list[str] | tuple[str, ...] | str) -> torch.Tensor:
+    """CLIP tokens `[B, 77]` (int64). Empty input is refused; prompts over 77 tokens are truncated with a warning."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if len(prompts) == 0:
+        raise InputError("no prompt given; pass at least one non-empty prompt")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"prompt {i} is empty; every prompt needs some text")
+        n = len(tokenizer.encode(prompt)) + 2
+        if n > CONTEXT_LENGTH:
+            warnings.warn(f"prompt {i} has {n} tokens, more than CLIP's {CONTEXT_LENGTH}; it was truncated", stacklevel=3)
+    return tokenizer(list(prompts))
+
+
 class TextEncoder(nn.Module):
     """Prompts -> raw (not normalised) CLIP text embeddings `[B, embed_dim]`. `forward` takes tokens `[B, 77]`."""
 
@@ -56,20 +71,8 @@ class TextEncoder(nn.Module):
         return self
 
     def tokenize(self, prompts: list[str] | tuple[str, ...]) -> torch.Tensor:
-        """CLIP tokens `[B, 77]` (int64). Empty input is refused; prompts over 77 tokens are truncated with a warning."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if len(prompts) == 0:
-            raise InputError("no prompt given; pass at least one non-empty prompt")
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise InputError(f"prompt {i} is empty; every prompt needs some text")
-            n = len(self.tokenizer.encode(prompt)) + 2
-            if n > CONTEXT_LENGTH:
-                warnings.warn(
-                    f"prompt {i} has {n} tokens, more than CLIP's {CONTEXT_LENGTH}; it was truncated", stacklevel=2
-                )
-        return self.tokenizer(list(prompts))
+        """CLIP tokens `[B, 77]` (int64); see `tokenize`."""
+        return tokenize(self.tokenizer, prompts)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_text(tokens)

@@ -1,0 +1,39 @@
+"""The triton backend: the eager stage modules with the fused Triton kernels of `ffclip.kernels` swapped in.
+
+It reads the same bundle as the eager backend. The generator's synthesis layers and the mapper's blocks switch to
+their "triton" form; the text encoder has no kernel and runs as in the eager backend. On the CPU the kernels run in
+Triton's interpreter, which must be enabled (`TRITON_INTERPRET=1`) before triton is first imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from .base import StageInfo, cuda_reason
+from .eager import EagerEngine
+
+
+class TritonEngine(EagerEngine):
+    """`EagerEngine` with `conv_form = "triton"` (generator) or `form = "triton"` (mapper) set on the loaded module."""
+
+    backend = "triton"
+
+    def __init__(self, folder: Path, stage: StageInfo, device: torch.device):
+        super().__init__(folder, stage, device)
+        if hasattr(self._module, "conv_form"):
+            self._module.conv_form = "triton"
+        if hasattr(self._module, "form"):
+            self._module.form = "triton"
+
+    @classmethod
+    def availability(cls, device: torch.device) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if device.type == "cpu":
+            from ffclip.kernels._config import interpreting
+
+            return None if interpreting() else "on the CPU the kernels need TRITON_INTERPRET=1 set before triton is imported"
+        return cuda_reason(device)

@@ -1,0 +1,303 @@
+"""The export of all three stages into one artifact folder, written atomically with its manifest."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import platform
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ffclip.atomic import atomic_dir
+from ffclip.checkpoints.bundle import save_module
+from ffclip.engines import engine_class
+from ffclip.engines.tensorrt import tensorrt_reason
+from ffclip.errors import FfclipError, InputError
+
+from .manifest import read_manifest, write_manifest
+from .onnx_export import DEFAULT_OPSET, export_onnx
+from .parity import Parity, check_parity
+from .stages import PRECISIONS, StageSpec, stage_specs
+from .tensorrt_build import TIMING_CACHE, build_engine
+from .torchscript_export import export_torchscript
+
+FORMATS = ("onnx", "torchscript", "tensorrt")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to build and for which batch range."""
+
+    precision: str = "fp32"
+    formats: tuple[str, ...] = FORMATS
+    min_batch: int = 1
+    opt_batch: int = 4
+    max_batch: int = 16
+    opset: int = DEFAULT_OPSET
+    device: torch.device = torch.device("cpu")
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise InputError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
+        unknown = sorted(set(self.formats) - set(FORMATS))
+        if unknown or not self.formats:
+            raise InputError(f"unknown formats {unknown or '(none given)'}; choose from {', '.join(FORMATS)}")
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise InputError(
+                f"batch range must satisfy 1 <= min <= opt <= max, got {self.min_batch}/{self.opt_batch}/{self.max_batch}"
+            )
+
+    @property
+    def batch(self) -> tuple[int, int, int]:
+        return self.min_batch, self.opt_batch, self.max_batch
+
+    @property
+    def parity_batches(self) -> tuple[int, ...]:
+        """Two batch sizes in the range (one when the range is a single size)."""
+        second = self.opt_batch if self.opt_batch != self.min_batch else self.max_batch
+        return tuple(sorted({self.min_batch, second}))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one stage in one format."""
+
+    stage: str
+    format: str
+    status: str  # "built", "skipped" or "failed"
+    detail: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class ExportReport:
+    """Every outcome of an export; `manifest` is set once the folder is complete."""
+
+    folder: Path
+    outcomes: list[Outcome] = field(default_factory=list)
+    manifest: dict[str, Any] | None = None
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+class ExportFailed(FfclipError):
+    """At least one stage failed to export or missed its parity tolerance; the report says which."""
+
+    def __init__(self, report: ExportReport):
+        self.report = report
+        first = report.failed[0]
+        super().__init__(
+            f"export to {report.folder} failed ({len(report.failed)} failure(s); first: {first.stage} {first.format}: "
+            f"{first.detail}); nothing was written and any older folder is unchanged"
+        )
+
+
+def export_artifacts(
+    modules: tuple[nn.Module, nn.Module, nn.Module],
+    out: str | Path,
+    options: ExportOptions,
+    *,
+    preset: str,
+    sources: dict[str, dict[str, Any]],
+    progress: Callable[[str], None] = lambda message: None,
+) -> ExportReport:
+    """Export (text encoder, mapper, generator) into `out`. The folder appears complete or not at all; a failure
+    raises `ExportFailed` after every stage and format was tried, so the report lists all problems."""
+    out = Path(out)
+    specs = stage_specs(*modules)
+    by_name = dict(zip(specs, (m.cpu().float().eval() for m in modules)))
+    report = ExportReport(out)
+    with atomic_dir(out) as tmp:
+        old_cache = out / TIMING_CACHE
+        if old_cache.is_file():
+            (tmp / TIMING_CACHE).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(old_cache, tmp / TIMING_CACHE)
+        stages = {}
+        for name, spec in specs.items():
+            stages[name] = _export_stage(spec, by_name[name], tmp, options, report, progress)
+        if report.failed:
+            raise ExportFailed(report)
+        progress("writing manifest.json")
+        write_manifest(tmp, _manifest(modules, options, preset, sources, stages))
+    report.manifest = read_manifest(out, verify=False)
+    return report
+
+
+def _export_stage(
+    spec: StageSpec,
+    module: nn.Module,
+    folder: Path,
+    options: ExportOptions,
+    report: ExportReport,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {**spec.manifest_entry(), "files": {}, "parity": {}, "status": {}}
+    progress(f"{spec.name}: saving eager weights")
+    entry["files"]["eager"] = f"{spec.name}.safetensors"
+    save_module(folder / entry["files"]["eager"], module)
+
+    def reference(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {spec.output_names[0]: module(*(inputs[n] for n in spec.input_names))}
+
+    module64: list[nn.Module] = []
+
+    def reference64(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not module64:
+            module64.append(copy.deepcopy(module).double())
+        cast = [x.double() if x.is_floating_point() else x for x in (inputs[n] for n in spec.input_names)]
+        with torch.no_grad():
+            return {spec.output_names[0]: module64[0](*cast)}
+
+    for fmt in FORMATS:
+        reason = _skip_reason(fmt, entry, options)
+        if reason is not None:
+            report.outcomes.append(Outcome(spec.name, fmt, "skipped", reason))
+            entry["status"][fmt] = f"skipped: {reason}"
+            continue
+        progress(f"{spec.name}: building {fmt}")
+        start = time.perf_counter()
+        try:
+            with _exact_cuda_math():
+                parity = _BUILDERS[fmt](spec, module, folder, options, entry, (reference, reference64))
+        except Exception as exc:
+            detail = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            report.outcomes.append(Outcome(spec.name, fmt, "failed", detail, time.perf_counter() - start))
+            entry["files"].pop(fmt, None)
+            continue
+        seconds = time.perf_counter() - start
+        entry["parity"][fmt] = parity.to_dict()
+        if parity.ok:
+            report.outcomes.append(Outcome(spec.name, fmt, "built", parity.describe(), seconds))
+            entry["status"][fmt] = "built"
+        else:
+            report.outcomes.append(Outcome(spec.name, fmt, "failed", f"parity over tolerance: {parity.describe()}", seconds))
+    return entry
+
+
+def _skip_reason(fmt: str, entry: dict[str, Any], options: ExportOptions) -> str | None:
+    if fmt not in options.formats:
+        return "not requested (--formats)"
+    if fmt == "tensorrt":
+        if "onnx" not in entry["files"]:
+            return "TensorRT builds from the ONNX file, which was not built"
+        reason = tensorrt_reason(options.device)
+        if reason is None and options.precision == "bf16" and not torch.cuda.is_bf16_supported():
+            reason = "this GPU has no bf16 support"
+        return reason
+    return None
+
+
+def _build_onnx(spec, module, folder, options, entry, references) -> Parity:
+    path = folder / "onnx" / f"{spec.name}.onnx"
+    result = export_onnx(spec, module, path, options.opset)
+    entry["files"]["onnx"] = path.relative_to(folder).as_posix()
+    entry["onnx"] = {
+        "opset": options.opset,
+        "nodes_before_surgery": result.nodes_before,
+        "nodes_after_surgery": result.nodes_after,
+        "external_data": result.external_data,
+    }
+    # ONNX files are fp32 graphs (TensorRT applies the reduced precision), checked on ONNX Runtime's CPU provider
+    return _parity(spec, folder, options, entry, "onnx", "onnxruntime", torch.device("cpu"), "fp32", references)
+
+
+def _build_torchscript(spec, module, folder, options, entry, references) -> Parity:
+    path = folder / "torchscript" / f"{spec.name}.pt"
+    dtype = PRECISIONS[options.precision] if options.device.type == "cuda" else torch.float32
+    export_torchscript(spec, module, path, options.device, dtype)
+    entry["files"]["torchscript"] = path.relative_to(folder).as_posix()
+    entry["torchscript"] = {"device": options.device.type, "compute_dtype": str(dtype).removeprefix("torch.")}
+    precision = options.precision if dtype != torch.float32 else "fp32"
+    return _parity(spec, folder, options, entry, "torchscript", "torchscript", options.device, precision, references)
+
+
+def _build_tensorrt(spec, module, folder, options, entry, references) -> Parity:
+    plan = folder / "tensorrt" / f"{spec.name}.plan"
+    facts = build_engine(
+        spec,
+        folder / entry["files"]["onnx"],
+        plan,
+        folder / "tensorrt" / f"{spec.name}.build.log",
+        folder / TIMING_CACHE,
+        options.precision,
+        options.batch,
+        options.device,
+    )
+    entry["files"]["tensorrt"] = plan.relative_to(folder).as_posix()
+    entry["tensorrt"] = {**facts, "build_log": f"tensorrt/{spec.name}.build.log", "timing_cache": TIMING_CACHE}
+    return _parity(spec, folder, options, entry, "tensorrt", "tensorrt", options.device, options.precision, references)
+
+
+_BUILDERS = {"onnx": _build_onnx, "torchscript": _build_torchscript, "tensorrt": _build_tensorrt}
+
+
+def _parity(spec, folder, options, entry, fmt, backend, device, precision, references) -> Parity:
+    """Run the artifact through its engine and compare with eager fp32 on the CPU (and float64 where needed)."""
+    info = spec.info(entry["files"], options.batch, options.precision, entry)
+    engine = engine_class(backend)(folder, info, device)
+    try:
+        return check_parity(
+            spec,
+            references[0],
+            lambda inputs: {k: v.cpu() for k, v in engine.run(inputs).items()},
+            options.parity_batches,
+            spec.tolerance(precision),
+            reference64=references[1] if precision == "fp32" else None,
+        )
+    finally:
+        engine.close()
+
+
+@contextlib.contextmanager
+def _exact_cuda_math() -> Iterator[None]:
+    """Disable TF32 while tracing and checking, so fp32 parity measures the export and not TF32 rounding."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _manifest(modules, options: ExportOptions, preset: str, sources, stages) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+
+    text_encoder, _, generator = modules
+    try:
+        trt_version = __import__("tensorrt").__version__
+    except ImportError:
+        trt_version = None
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "preset": preset,
+        "precision": options.precision,
+        "export_device": str(options.device),
+        "batch": {"min": options.min_batch, "opt": options.opt_batch, "max": options.max_batch},
+        "model": {
+            "num_ws": generator.num_ws,
+            "resolution": generator.resolution,
+            "embed_dim": text_encoder.embed_dim,
+            "context_length": text_encoder.tokenizer.context_length,
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "tensorrt": trt_version,
+        },
+        "sources": sources,
+        "stages": stages,
+    }

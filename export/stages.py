@@ -1,0 +1,170 @@
+"""How each stage describes its own export: tensor names, dtypes, shapes, example inputs, tolerances.
+
+ONNX, TorchScript and TensorRT export, the parity checks and every engine read their facts from `StageSpec`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ffclip.engines.base import StageInfo, TensorInfo
+from ffclip.models import Generator, Mapper, TextEncoder
+from ffclip.models.text_encoder import CONTEXT_LENGTH
+
+STAGES = ("text_encoder", "mapper", "generator")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# CLIP's start/end-of-text tokens: the last two entries of its 49408-token vocabulary
+_SOT_OFFSET, _EOT_OFFSET = 2, 1
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A parity bound. `metric` "rel" bounds max|a-b| / max|ref| (relative to the reference's scale); "abs" bounds
+    max|a-b|."""
+
+    metric: str
+    value: float
+
+    def check(self, max_abs: float, max_rel: float) -> bool:
+        return (max_rel if self.metric == "rel" else max_abs) <= self.value
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "value": self.value}
+
+
+# Reduced precisions keep about 3 (fp16) or 2 (bf16) significant digits through dozens of layers.
+_TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    "text_encoder": {"fp32": Tolerance("rel", 1e-4), "fp16": Tolerance("rel", 2e-2), "bf16": Tolerance("rel", 8e-2)},
+    "mapper": {"fp32": Tolerance("rel", 1e-4), "fp16": Tolerance("rel", 2e-2), "bf16": Tolerance("rel", 8e-2)},
+    "generator": {"fp32": Tolerance("abs", 1e-3), "fp16": Tolerance("abs", 1e-1), "bf16": Tolerance("abs", 4e-1)},
+}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage as the exporter sees it."""
+
+    name: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    make_inputs: Callable[[int, torch.Generator], dict[str, torch.Tensor]]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def example_inputs(self, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Fresh random inputs of batch size `batch` (CPU tensors, reproducible from `seed`)."""
+        return self.make_inputs(batch, torch.Generator().manual_seed(seed))
+
+    def tolerance(self, precision: str) -> Tolerance:
+        return _TOLERANCES[self.name][precision]
+
+    def profile(self, min_batch: int, opt_batch: int, max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """Per input: (min, opt, max) shapes of the one optimisation profile for the batch range."""
+        return {t.name: tuple(t.concrete_shape(b) for b in (min_batch, opt_batch, max_batch)) for t in self.inputs}
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The stage's tensors as the manifest records them."""
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+    def info(self, files: dict[str, str], batch: tuple[int, int, int], precision: str, entry: dict[str, Any]) -> StageInfo:
+        """The `StageInfo` an engine is built from, before the manifest is written."""
+        return StageInfo(
+            name=self.name,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            files=files,
+            min_batch=batch[0],
+            opt_batch=batch[1],
+            max_batch=batch[2],
+            precision=precision,
+            entry=entry,
+        )
+
+
+def _tokens(vocab_size: int) -> Callable[[int, torch.Generator], dict[str, torch.Tensor]]:
+    sot, eot = vocab_size - _SOT_OFFSET, vocab_size - _EOT_OFFSET
+
+    def make(batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        tokens = torch.zeros(batch, CONTEXT_LENGTH, dtype=torch.int64)
+        lengths = torch.randint(1, CONTEXT_LENGTH - 1, (batch,), generator=g)
+        for i, n in enumerate(lengths.tolist()):
+            tokens[i, 0] = sot
+            tokens[i, 1 : n + 1] = torch.randint(1, sot, (n,), generator=g)
+            tokens[i, n + 1] = eot
+        return {"tokens": tokens}
+
+    return make
+
+
+def _latents(num_ws: int, dim: int, with_embedding: bool) -> Callable[[int, torch.Generator], dict[str, torch.Tensor]]:
+    def make(batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        out = {"w": torch.randn(batch, num_ws, dim, generator=g)}
+        if with_embedding:
+            out["embedding"] = torch.randn(batch, dim, generator=g)
+        return out
+
+    return make
+
+
+def _f32(name: str, *shape: int) -> TensorInfo:
+    return TensorInfo(name, "float32", ("batch", *shape))
+
+
+def stage_specs(text_encoder: TextEncoder, mapper: Mapper, generator: Generator) -> dict[str, StageSpec]:
+    """The three stages' specs, read from the modules' configurations."""
+    embed = text_encoder.embed_dim
+    num_ws, dim = mapper.num_ws, mapper.config.dim
+    if generator.num_ws != num_ws or generator.config.style_dim != dim or embed != dim:
+        raise ValueError(
+            f"stages do not fit together: mapper {num_ws}x{dim}, generator {generator.num_ws}x"
+            f"{generator.config.style_dim}, text embedding {embed}"
+        )
+    vocab = text_encoder.clip.vocab_size
+    res = generator.resolution
+    return {
+        "text_encoder": StageSpec(
+            "text_encoder",
+            (TensorInfo("tokens", "int64", ("batch", CONTEXT_LENGTH)),),
+            (_f32("embedding", embed),),
+            _tokens(vocab),
+        ),
+        "mapper": StageSpec(
+            "mapper",
+            (_f32("w", num_ws, dim), _f32("embedding", dim)),
+            (_f32("w_edit", num_ws, dim),),
+            _latents(num_ws, dim, with_embedding=True),
+        ),
+        "generator": StageSpec(
+            "generator",
+            (_f32("w", num_ws, dim),),
+            (_f32("image", 3, res, res),),
+            _latents(num_ws, dim, with_embedding=False),
+        ),
+    }
+
+
+class Boundary(nn.Module):
+    """A stage as exported: positional inputs in the spec's order, float inputs cast to `dtype` for the compute and
+    float outputs returned as float32, so every artifact has the same float32 interface whatever its precision.
+    The module is converted to `dtype` in place."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.module = module.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        cast = [x.to(self.dtype) if x.is_floating_point() else x for x in inputs]
+        return self.module(*cast).float()

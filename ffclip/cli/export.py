@@ -1,0 +1,72 @@
+"""`ffclip-export` / `ffclip export`: write ONNX, TorchScript and TensorRT artifacts with their manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .options import StageSources, stage_options
+
+
+@click.command()
+@stage_options
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="TensorRT build precision (and TorchScript compute precision on CUDA); bf16 where TensorRT allows.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Artifact folder (default artifacts/<preset>); replaced atomically.")
+@click.option("--formats", default="onnx,torchscript,tensorrt", show_default=True,
+              help="Comma-separated formats; those this machine cannot build are reported as skipped.")
+@click.option("--min-batch", type=int, default=1, show_default=True)
+@click.option("--opt-batch", type=int, default=4, show_default=True)
+@click.option("--max-batch", type=int, default=16, show_default=True)
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("--device", default="auto", show_default=True, help="Export device: cpu, cuda, cuda:N or auto.")
+def export(sources: StageSources, precision: str, out: Path | None, formats: str, min_batch: int, opt_batch: int,
+           max_batch: int, opset: int, device: str) -> None:
+    """Export the three stages to an artifact folder and check each file against eager PyTorch."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..config import get_preset
+    from ..devices import resolve_device
+    from ..export.exporter import ExportFailed, ExportOptions, export_artifacts
+    from ..export.manifest import sha256
+
+    console = Console(stderr=True)
+    options = ExportOptions(
+        precision=precision,
+        formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
+        min_batch=min_batch,
+        opt_batch=opt_batch,
+        max_batch=max_batch,
+        opset=opset,
+        device=resolve_device(device),
+    )
+    out = out or Path("artifacts") / sources.preset
+    seed = get_preset(sources.preset).seed
+    origin = {"text_encoder": sources.clip, "mapper": sources.mapper, "generator": sources.generator}
+    described = {
+        stage: {"path": str(path), "sha256": sha256(path)} if path is not None
+        else {"embedded_default": f"embedded default of preset {sources.preset}, seed {seed}"}
+        for stage, path in origin.items()
+    }
+    console.print(f"loading the stages (preset {sources.preset})")
+    modules = sources.load("cpu")
+    try:
+        report = export_artifacts(modules, out, options, preset=sources.preset, sources=described,
+                                  progress=lambda message: console.print(f"  {message}"))
+    except ExportFailed as exc:
+        _summary(console, Table, exc.report.outcomes)
+        raise
+    _summary(console, Table, report.outcomes)
+    click.echo(f"wrote {out}")
+
+
+def _summary(console, table_cls, outcomes) -> None:
+    table = table_cls(title="export")
+    for column in ("stage", "format", "result", "seconds", "detail"):
+        table.add_column(column)
+    for o in outcomes:
+        table.add_row(o.stage, o.format, o.status, f"{o.seconds:.1f}" if o.seconds else "", o.detail)
+    console.print(table)

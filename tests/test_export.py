@@ -1,0 +1,69 @@
+"""Export of the tiny configuration (and the demo preset, slow): files, manifest, parity, atomic replacement."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from export_fixtures import TINY
+
+from ffclip.export import exporter as exporter_module
+from ffclip.export.exporter import ExportFailed, ExportOptions, export_artifacts
+from ffclip.export.manifest import MANIFEST
+from ffclip.factory import build_preset
+
+OPTIONS = ExportOptions(formats=("onnx", "torchscript"), min_batch=1, opt_batch=3, max_batch=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "artifacts"
+    report = export_artifacts(build_preset(TINY), folder, OPTIONS, preset="tiny", sources={})
+    return folder, report
+
+
+def test_every_stage_and_format_is_built_or_skipped_with_reason(tiny_export):
+    _, report = tiny_export
+    by = {(o.stage, o.format): o for o in report.outcomes}
+    for stage in ("text_encoder", "mapper", "generator"):
+        assert by[stage, "onnx"].status == "built"
+        assert by[stage, "torchscript"].status == "built"
+        assert by[stage, "tensorrt"].status == "skipped" and by[stage, "tensorrt"].detail
+
+
+def test_manifest_records_shapes_hashes_parity_and_surgery(tiny_export):
+    folder, _ = tiny_export
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["batch"] == {"min": 1, "opt": 3, "max": 8}
+    assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "tensorrt"}
+    gen = manifest["stages"]["generator"]
+    assert gen["outputs"] == [{"name": "image", "dtype": "float32", "shape": ["batch", 3, 32, 32]}]
+    assert gen["onnx"]["nodes_after_surgery"] <= gen["onnx"]["nodes_before_surgery"]
+    assert gen["parity"]["onnx"]["ok"] and gen["parity"]["onnx"]["batch_sizes"] == [1, 3]
+    for name in ("onnx/generator.onnx", "torchscript/mapper.pt", "text_encoder.safetensors"):
+        assert len(manifest["files"][name]) == 64
+
+
+def test_failed_export_leaves_older_folder_and_no_temporary(tiny_export, monkeypatch):
+    folder, _ = tiny_export
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setitem(exporter_module._BUILDERS, "torchscript", broken)
+    with pytest.raises(ExportFailed, match="simulated failure"):
+        export_artifacts(build_preset(TINY), folder, OPTIONS, preset="tiny", sources={})
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
+
+
+@pytest.mark.slow
+def test_demo_preset_exports(tmp_path):
+    from ffclip.config import get_preset
+
+    options = ExportOptions(formats=("onnx",), min_batch=1, opt_batch=2, max_batch=4)
+    report = export_artifacts(build_preset(get_preset("demo")), tmp_path / "demo", options, preset="demo", sources={})
+    assert not report.failed
+    assert torch.tensor([report.manifest["stages"][s]["parity"]["onnx"]["ok"] for s in report.manifest["stages"]]).all()
