@@ -25,6 +25,8 @@ class OnnxRuntimeEngine(StageEngine):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 16)
         options.log_severity_level = 3
+        # graph-optimiser notices go to the default logger, not the session's
+        ort.set_default_logger_severity(3)
         if self.device.type == "cuda":
             providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
         else:

@@ -71,6 +71,10 @@ def surgery(model: onnx.ModelProto, input_names: list[str], output_names: list[s
                         consumer.inputs[i] = node.inputs[0]
             node.outputs.clear()
     graph.cleanup()
+    import onnxruntime
+
+    # constant folding evaluates subgraphs in ONNX Runtime, whose optimiser notices are not for users
+    onnxruntime.set_default_logger_severity(3)
     graph.fold_constants(fold_shapes=True)
     graph.cleanup().toposort()
     result = gs.export_onnx(graph)

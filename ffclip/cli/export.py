@@ -45,11 +45,13 @@ def export(sources: StageSources, precision: str, out: Path | None, formats: str
     )
     out = out or Path("artifacts") / sources.preset
     seed = get_preset(sources.preset).seed
-    origin = {"text_encoder": sources.clip, "mapper": sources.mapper, "generator": sources.generator}
+    # (file, seed of the embedded default) per stage; the seed offsets are those of ffclip.factory.build_preset
+    origin = {"text_encoder": (sources.clip, seed), "mapper": (sources.mapper, seed + 1),
+              "generator": (sources.generator, seed + 2)}
     described = {
         stage: {"path": str(path), "sha256": sha256(path)} if path is not None
-        else {"embedded_default": f"embedded default of preset {sources.preset}, seed {seed}"}
-        for stage, path in origin.items()
+        else {"embedded_default": f"embedded default of preset {sources.preset}, seed {stage_seed}"}
+        for stage, (path, stage_seed) in origin.items()
     }
     console.print(f"loading the stages (preset {sources.preset})")
     modules = sources.load("cpu")
