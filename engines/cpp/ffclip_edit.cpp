@@ -3,6 +3,7 @@
 #include <exception>
 #include <iostream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ffclip_runtime.h"
@@ -34,20 +35,28 @@ int run(const std::vector<std::string>& args) {
     return usage_error("expected " + std::to_string(want) + " arguments, got " + std::to_string(paths.size()));
 
   ffclip::Runtime runtime(paths[0]);
-  const torch::Tensor latents = ffclip::read_npy(paths[1]);
+  const at::Tensor latents = ffclip::read_npy(paths[1]);
   if (!latents.is_floating_point())
     throw ffclip::Error(paths[1] + ": latents must be float32, found an integer array" +
                         "; save them with numpy.save(path, w.astype('float32'))");
-  torch::Tensor images;
-  if (synthesize_only) {
-    images = ffclip::to_uint8(runtime.synthesize(latents));
-  } else {
-    torch::Tensor tokens = ffclip::read_npy(paths[2]);
-    if (tokens.is_floating_point())
-      throw ffclip::Error(paths[2] + ": tokens must be int64, found a float array" +
-                          "; save CLIP tokenizer output with numpy.save(path, tokens.numpy())");
-    if (tokens.dim() == 1) tokens = tokens.unsqueeze(0);
-    images = runtime.edit(latents, tokens.to(torch::kInt64));
+  at::Tensor images;
+  try {
+    if (synthesize_only) {
+      images = ffclip::to_uint8(runtime.synthesize(latents));
+    } else {
+      at::Tensor tokens = ffclip::read_npy(paths[2]);
+      if (tokens.is_floating_point())
+        throw ffclip::Error(paths[2] + ": tokens must be int64, found a float array" +
+                            "; save CLIP tokenizer output with numpy.save(path, tokens.numpy())");
+      if (tokens.dim() == 1) tokens = tokens.unsqueeze(0);
+      images = runtime.edit(latents, tokens.to(at::kLong));
+    }
+  } catch (const ffclip::Error& e) {
+    // the runtime names its inputs "latents: ..." and "tokens: ..."; name the files instead
+    const std::string message = e.what();
+    for (const auto& [name, path] : {std::pair{"latents: ", paths[1]}, std::pair{"tokens: ", paths[2]}})
+      if (message.rfind(name, 0) == 0) throw ffclip::Error(path + ": " + message.substr(std::strlen(name)));
+    throw;
   }
   ffclip::write_ppm(paths.back(), images);
   std::cout << "wrote " << paths.back() << " (" << images.size(0) << " image(s), " << images.size(2) << "x"

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <torch/cuda.h>
+#include <torch/script.h>
 
 namespace fs = std::filesystem;
 
@@ -275,8 +276,9 @@ std::string summary(const std::string& text) {
   if (text.find("Traceback of TorchScript") == std::string::npos) return text.substr(0, text.find('\n'));
   const size_t end = text.find_last_not_of("\n ");
   if (end == std::string::npos) return text;
-  const size_t begin = text.rfind('\n', end);
-  return text.substr(begin == std::string::npos ? 0 : begin + 1, end + 1 - (begin == std::string::npos ? 0 : begin + 1));
+  const size_t newline = text.rfind('\n', end);
+  const size_t begin = newline == std::string::npos ? 0 : newline + 1;
+  return text.substr(begin, end + 1 - begin);
 }
 
 std::string message_of(const std::exception& e) {
@@ -284,11 +286,29 @@ std::string message_of(const std::exception& e) {
   return summary(e.what());
 }
 
+torch::Tensor run(torch::jit::script::Module& module, const fs::path& folder, const char* stage,
+                  std::vector<torch::jit::IValue> inputs, const char* hint) {
+  try {
+    c10::InferenceMode guard;
+    return module.forward(std::move(inputs)).toTensor();
+  } catch (const std::exception& e) {
+    throw Error(folder.string() + ": the " + stage + " stage failed (" + message_of(e) + "); " + hint);
+  }
+}
+
 }  // namespace
 
 // ---- Runtime ----
 
-Runtime::Runtime(const fs::path& folder, bool verify) : folder_(folder) {
+struct Runtime::Modules {
+  torch::jit::script::Module text_encoder, mapper, generator;
+};
+
+Runtime::~Runtime() = default;
+Runtime::Runtime(Runtime&&) noexcept = default;
+Runtime& Runtime::operator=(Runtime&&) noexcept = default;
+
+Runtime::Runtime(const fs::path& folder, bool verify) : folder_(folder), modules_(std::make_unique<Modules>()) {
   const fs::path manifest_path = folder / "manifest.json";
   const std::string fix = "; re-export with ffclip-export --formats torchscript --out " + folder.string();
   if (!fs::is_regular_file(manifest_path))
@@ -322,9 +342,9 @@ Runtime::Runtime(const fs::path& folder, bool verify) : folder_(folder) {
   std::string device_type;
   std::vector<fs::path> paths;
   for (const char* stage : kStages) {
-    const std::string at = where + " stages." + stage;
+    const std::string stage_where = where + " stages." + stage;
     const Json& entry = require(stages, stage, Json::Kind::Object, where + " stages", fix);
-    const Json* rel = require(entry, "files", Json::Kind::Object, at, fix).get("torchscript");
+    const Json* rel = require(entry, "files", Json::Kind::Object, stage_where, fix).get("torchscript");
     if (rel == nullptr || rel->kind != Json::Kind::String)
       throw Error(folder.string() + ": no torchscript artifact for the " + stage +
                   " stage; re-export with ffclip-export --formats torchscript --out " + folder.string());
@@ -355,7 +375,7 @@ Runtime::Runtime(const fs::path& folder, bool verify) : folder_(folder) {
     throw Error(where + ": traced on unsupported device '" + device_type + "'" + fix);
   }
 
-  torch::jit::script::Module* modules[] = {&text_encoder_, &mapper_, &generator_};
+  torch::jit::script::Module* modules[] = {&modules_->text_encoder, &modules_->mapper, &modules_->generator};
   for (size_t i = 0; i < paths.size(); ++i) {
     try {
       *modules[i] = torch::jit::load(paths[i].string(), device_);
@@ -363,16 +383,6 @@ Runtime::Runtime(const fs::path& folder, bool verify) : folder_(folder) {
     } catch (const std::exception& e) {
       throw Error(paths[i].string() + ": not a loadable TorchScript module (" + message_of(e) + ")" + fix);
     }
-  }
-}
-
-torch::Tensor Runtime::run(torch::jit::script::Module& module, const char* stage, std::vector<torch::jit::IValue> inputs,
-                           const char* hint) {
-  try {
-    c10::InferenceMode guard;
-    return module.forward(std::move(inputs)).toTensor();
-  } catch (const std::exception& e) {
-    throw Error(folder_.string() + ": the " + stage + " stage failed (" + message_of(e) + "); " + hint);
   }
 }
 
@@ -385,18 +395,20 @@ torch::Tensor Runtime::check_latents(const torch::Tensor& w) const {
   if (x.dim() == 2 && x.size(1) == D) x = x.unsqueeze(1).expand({-1, L, -1});
   if (x.dim() != 3 || x.size(1) != L || x.size(2) != D) throw Error("latents: " + want + ", got " + shape_string(w));
   if (x.size(0) == 0) throw Error("latents: no latents (batch size 0); give at least one");
-  if (!torch::isfinite(x).all().item<bool>()) throw Error("latents: contain NaN or Inf values; give finite latents");
+  if (!torch::isfinite(x).all().item<bool>()) throw Error("latents: contains NaN or Inf values; give finite latents");
   return x.to(device_, torch::kFloat32).contiguous();
 }
 
 torch::Tensor Runtime::encode(const torch::Tensor& tokens) {
   const int64_t n = model_.context_length;
-  if (!tokens.defined() || tokens.is_floating_point() || tokens.dim() != 2 || tokens.size(1) != n || tokens.size(0) == 0)
+  const bool ok = tokens.defined() && !tokens.is_floating_point() && tokens.dim() == 2 && tokens.size(1) == n;
+  if (!ok || tokens.size(0) == 0)
     throw Error("tokens: expected int64 CLIP tokens [B, " + std::to_string(n) + "] with B >= 1, got " +
                 (tokens.defined() ? shape_string(tokens) : std::string("nothing")) +
                 "; tokenize prompts with CLIP's tokenizer");
-  if (tokens.min().item<int64_t>() < 0) throw Error("tokens: negative token ids; tokenize prompts with CLIP's tokenizer");
-  return run(text_encoder_, "text_encoder", {tokens.to(device_, torch::kInt64).contiguous()},
+  if (tokens.min().item<int64_t>() < 0)
+    throw Error("tokens: negative token ids; tokenize prompts with CLIP's tokenizer");
+  return run(modules_->text_encoder, folder_, "text_encoder", {tokens.to(device_, torch::kInt64).contiguous()},
              "check that the tokens come from CLIP's tokenizer (ids within its vocabulary)");
 }
 
@@ -412,12 +424,13 @@ torch::Tensor Runtime::modulate(const torch::Tensor& w, const torch::Tensor& emb
   if (e.size(0) != B)
     throw Error("embeddings: " + std::to_string(e.size(0)) + " rows for " + std::to_string(B) +
                 " latents; give one per latent or one for all");
-  if (!torch::isfinite(e).all().item<bool>()) throw Error("embeddings: contain NaN or Inf values");
-  return run(mapper_, "mapper", {x, e.to(device_, torch::kFloat32).contiguous()}, kCheckInputs);
+  if (!torch::isfinite(e).all().item<bool>())
+    throw Error("embeddings: contains NaN or Inf values; give finite embeddings");
+  return run(modules_->mapper, folder_, "mapper", {x, e.to(device_, torch::kFloat32).contiguous()}, kCheckInputs);
 }
 
 torch::Tensor Runtime::synthesize(const torch::Tensor& w) {
-  return run(generator_, "generator", {check_latents(w)}, kCheckInputs);
+  return run(modules_->generator, folder_, "generator", {check_latents(w)}, kCheckInputs);
 }
 
 torch::Tensor Runtime::edit(const torch::Tensor& w, const torch::Tensor& tokens) {

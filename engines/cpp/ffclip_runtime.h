@@ -7,10 +7,13 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
-#include <torch/script.h>
+// Only the tensor type: programs that include this header compile in seconds, not the half minute torch/script.h takes.
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 namespace ffclip {
 
@@ -33,42 +36,42 @@ class Runtime {
   // Open `folder`: read manifest.json, check that it lists the three TorchScript files (and, with `verify`, that
   // their sha256 matches), then load them. Throws ffclip::Error.
   explicit Runtime(const std::filesystem::path& folder, bool verify = true);
+  ~Runtime();
+  Runtime(Runtime&&) noexcept;
+  Runtime& operator=(Runtime&&) noexcept;
 
   const ModelInfo& model() const { return model_; }
-  const torch::Device& device() const { return device_; }
+  const c10::Device& device() const { return device_; }
   const std::filesystem::path& folder() const { return folder_; }
 
   // int64 tokens [B, context_length] -> float32 raw CLIP text embeddings [B, D].
-  torch::Tensor encode(const torch::Tensor& tokens);
+  at::Tensor encode(const at::Tensor& tokens);
   // float w [B, L, D] (or [B, D], broadcast to every layer) and embeddings [B, D] (or [D] / [1, D], shared by
   // all rows) -> edited float32 w' [B, L, D].
-  torch::Tensor modulate(const torch::Tensor& w, const torch::Tensor& embedding);
+  at::Tensor modulate(const at::Tensor& w, const at::Tensor& embedding);
   // float w [B, L, D] (or [B, D]) -> float32 images [B, 3, R, R], roughly in [-1, 1].
-  torch::Tensor synthesize(const torch::Tensor& w);
+  at::Tensor synthesize(const at::Tensor& w);
   // The whole edit: tokens hold one prompt for every latent ([1, context_length]) or one per latent.
   // Returns uint8 images [B, R, R, 3] (HWC) on the CPU.
-  torch::Tensor edit(const torch::Tensor& w, const torch::Tensor& tokens);
+  at::Tensor edit(const at::Tensor& w, const at::Tensor& tokens);
 
  private:
-  torch::Tensor check_latents(const torch::Tensor& w) const;
-  torch::Tensor run(torch::jit::script::Module& module, const char* stage, std::vector<torch::jit::IValue> inputs,
-                    const char* hint);
+  struct Modules;  // the three TorchScript modules
+  at::Tensor check_latents(const at::Tensor& w) const;
 
   std::filesystem::path folder_;
   ModelInfo model_;
-  torch::Device device_{torch::kCPU};
-  torch::jit::script::Module text_encoder_;
-  torch::jit::script::Module mapper_;
-  torch::jit::script::Module generator_;
+  c10::Device device_{c10::kCPU};
+  std::unique_ptr<Modules> modules_;
 };
 
 // Float images [B, 3, R, R] in [-1, 1] -> uint8 [B, R, R, 3] on the CPU (clamped, rounded), as ffclip.imaging.to_uint8.
-torch::Tensor to_uint8(const torch::Tensor& images);
+at::Tensor to_uint8(const at::Tensor& images);
 
 // Read a .npy file (little-endian float32, float64, int32 or int64, C order) into a CPU tensor. Throws ffclip::Error.
-torch::Tensor read_npy(const std::filesystem::path& path);
+at::Tensor read_npy(const std::filesystem::path& path);
 
 // Write uint8 images [B, R, R, 3] as one binary PPM (P6), the images side by side. Throws ffclip::Error.
-void write_ppm(const std::filesystem::path& path, const torch::Tensor& images);
+void write_ppm(const std::filesystem::path& path, const at::Tensor& images);
 
 }  // namespace ffclip
