@@ -2,8 +2,10 @@
 
 Some stages are ill-conditioned in float32 (the mapper's normalisation across layers divides channels whose values
 are nearly zero on every layer, so rounding differences of 1e-7 can grow to 1e-3). When an artifact misses the
-tolerance against eager float32, it is judged against a float64 evaluation of the same module instead: it passes
-if its error there is within the tolerance or no more than `FLOAT64_SLACK` times eager float32's own error.
+tolerance against eager float32, it is judged against a float64 evaluation of the same module instead, over
+`FLOAT64_DRAWS` fresh inputs: it passes if its worst error there is within the tolerance or no more than
+`FLOAT64_SLACK` times eager float32's own worst error on the same inputs. (Over one or two draws the two worst errors
+differ by up to 6x on the seeded-random mapper; over eight they agree within about 1.5x.)
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from .stages import StageSpec, Tolerance
 
 Outputs = dict[str, torch.Tensor]
-FLOAT64_SLACK = 2.0
+FLOAT64_SLACK = 4.0
+FLOAT64_DRAWS = 8
 
 
 @dataclass(frozen=True)
@@ -85,11 +88,9 @@ def check_parity(
     """Run both on the same fresh inputs at each batch size and keep the worst errors; when those miss the tolerance
     and `reference64` is given, also measure both against float64."""
     worst_abs = worst_rel = 0.0
-    runs = []
     for i, batch in enumerate(batch_sizes):
         inputs = spec.example_inputs(batch, seed=seed + i)
         ref, out = reference(inputs), candidate(inputs)
-        runs.append((inputs, ref, out))
         for name in spec.output_names:
             if not torch.isfinite(out[name]).all():
                 return Parity(tuple(batch_sizes), float("inf"), float("inf"), tolerance)
@@ -100,8 +101,9 @@ def check_parity(
         return parity
     pick = 1 if tolerance.metric == "rel" else 0
     artifact64 = eager64 = 0.0
-    for inputs, ref, out in runs:
-        ref64 = reference64(inputs)
+    for i in range(FLOAT64_DRAWS):
+        inputs = spec.example_inputs(batch_sizes[i % len(batch_sizes)], seed=seed + len(batch_sizes) + i)
+        ref, out, ref64 = reference(inputs), candidate(inputs), reference64(inputs)
         for name in spec.output_names:
             artifact64 = max(artifact64, errors(out[name], ref64[name])[pick])
             eager64 = max(eager64, errors(ref[name], ref64[name])[pick])

@@ -1,0 +1,136 @@
+"""`ffclip-bench` / `ffclip bench`: latency, throughput, memory and error of every backend on every stage."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ffclip.config import PRESETS
+from ffclip.devices import resolve_device
+from ffclip.errors import InputError
+
+from .backends import BACKENDS, PRECISIONS, STAGES
+from .report import FORMAT, FORMAT_VERSION, compare, compare_table, load_results, rich_tables, write_results
+from .runner import Benchmark, Settings
+
+
+def parse_names(value: str, known: tuple[str, ...], option: str) -> tuple[str, ...]:
+    """A comma-separated list of names from `known`, duplicates dropped, order kept."""
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        bad = f"unknown {option} value {unknown[0]!r}" if unknown else f"empty {option}"
+        raise InputError(f"{bad}; choose from {','.join(known)}")
+    return names
+
+
+def parse_batches(value: str) -> tuple[int, ...]:
+    """A comma-separated list of positive batch sizes, ascending."""
+    try:
+        batches = sorted({int(b) for b in value.split(",") if b.strip()})
+    except ValueError:
+        raise InputError(f"--batch {value!r}: expected comma-separated positive integers such as 1,8,32") from None
+    if not batches or batches[0] < 1:
+        raise InputError(f"--batch {value!r}: expected comma-separated positive integers such as 1,8,32")
+    return tuple(batches)
+
+
+def _compare(paths: tuple[Path, Path]) -> None:
+    a, b = (load_results(p) for p in paths)
+    rows = compare(a, b)
+    if not rows:
+        raise InputError(f"{paths[0]} and {paths[1]} have no measured (stage, backend, precision, batch) row in common")
+    Console().print(compare_table(rows, str(paths[0]), str(paths[1])))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="demo", show_default=True,
+              help="Models to benchmark (seeded random weights; timing does not depend on training).")
+@click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Exported artifact folder for the runtime backends; without it the benchmark exports its own.")
+@click.option("--backends", default=",".join(BACKENDS), show_default=True,
+              help="Comma-separated backends; those that cannot run here are listed as skipped with the reason.")
+@click.option("--stages", default=",".join(STAGES), show_default=True, help="Comma-separated stages.")
+@click.option("--batch", "batch", default=None,
+              help="Comma-separated batch sizes [default: 1,8 on the CPU, 1,8,32 on CUDA].")
+@click.option("--precision", default=",".join(PRECISIONS), show_default=True,
+              help="Comma-separated precisions; fp16 on the CPU is listed as skipped.")
+@click.option("--warmup", type=click.IntRange(min=0), default=None,
+              help="Untimed calls per cell before timing [default: 1 on the CPU, 5 on CUDA].")
+@click.option("--iters", type=click.IntRange(min=1), default=None,
+              help="Timed calls per cell [default: as many as --budget allows, at least 3].")
+@click.option("--budget", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
+              help="Seconds of timed calls per cell when --iters is not given.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads of each worker (torch.set_num_threads) [default: torch's choice].")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder [default: artifacts/bench/<preset>-<device>-<time>].")
+@click.option("--compare", "compare_paths", nargs=2, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, metavar="A.json B.json", help="Print B/A median-latency ratios of two runs and exit.")
+def bench(preset: str, artifacts: Path | None, backends: str, stages: str, batch: str | None, precision: str,
+          warmup: int | None, iters: int | None, budget: float, threads: int | None, device: str, out: Path | None,
+          compare_paths: tuple[Path, Path] | None) -> None:
+    """Compare backends on every stage: median/p90/p99 latency, throughput, peak memory and the error against
+    eager fp32 on the same inputs. Each backend runs in its own process. Writes results.json, results.md and
+    latency.png."""
+    if compare_paths:
+        _compare(compare_paths)
+        return
+    resolved = resolve_device(device)
+    cuda = resolved.type == "cuda"
+    settings = Settings(
+        preset=preset,
+        device=str(resolved),
+        stages=parse_names(stages, STAGES, "--stages"),
+        backends=parse_names(backends, BACKENDS, "--backends"),
+        batches=parse_batches(batch or ("1,8,32" if cuda else "1,8")),
+        precisions=parse_names(precision, PRECISIONS, "--precision"),
+        warmup=warmup if warmup is not None else (5 if cuda else 1),
+        iters=iters,
+        budget_s=budget,
+        threads=threads,
+        artifacts=artifacts,
+    )
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run(settings, out or Path("artifacts") / "bench" / f"{preset}-{resolved.type}-{stamp}")
+
+
+def run(settings: Settings, out: Path) -> dict[str, Any]:
+    """Run the benchmark with a progress bar, write the three result files and print the tables."""
+    started = time.time()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def advance(text: str, step: int) -> None:
+            progress.update(task, description=text, advance=step)
+
+        benchmark = Benchmark(settings, advance)
+        progress.update(task, total=benchmark.total_steps)
+        rows = benchmark.run()
+    machine = {**benchmark.machine, "load_average_end": [round(x, 2) for x in os.getloadavg()]}
+    results = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": dt.datetime.fromtimestamp(started).astimezone().isoformat(timespec="seconds"),
+        "duration_s": round(time.time() - started, 1),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "settings": settings.to_dict(),
+        "machine": machine,
+        "rows": rows,
+    }
+    paths = write_results(results, out)
+    console = Console()
+    for table in rich_tables(results):
+        console.print(table)
+    console.print(f"wrote {paths['json']}, {paths['md'].name} and {paths['png'].name} in {results['duration_s']:.0f} s")
+    return results

@@ -1,0 +1,244 @@
+"""One benchmark job in its own process: `python -m ffclip.benchmarks.worker JOB.json`.
+
+Jobs (a JSON object, `mode` says which):
+
+- `reference`: build the stages (the preset's, or the eager weights of `artifacts`), make the inputs (prompts,
+  latents, text embeddings) for the largest batch, the eager fp32 output of every stage and batch and the fp64 floors,
+  and save them with `torch.save` to `output`.
+- `export`: export the preset's stages to `output` in `formats` at `precision` with `ffclip.export`.
+- `time`: time `cells` of one backend at one precision against the reference file.
+
+Events go to the original stdout as JSON lines; anything else the libraries print is sent to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from ffclip.atomic import atomic_file
+from ffclip.errors import FfclipError
+
+from .backends import MODEL_STAGES, StageSet, build_modules, module_stages, open_stages
+from .machine import machine_info
+from .runner import Cell
+from .timing import PeakMemory, release_freed_memory, summarize, time_calls
+
+PROMPTS = (
+    "blond hair", "a smiling face", "wearing glasses", "an old person", "curly red hair", "a thick beard",
+    "a surprised look", "purple lipstick", "a bald head", "bangs", "a young child", "an angry face",
+)
+TRUNCATION = 0.7
+Emit = Callable[[dict[str, Any]], None]
+
+
+def batch_inputs(reference: dict[str, Any], batch: int, device: torch.device) -> dict[str, Any]:
+    """The first `batch` prompts, latents and embeddings of the reference file, tensors on `device`."""
+    return {
+        "prompts": list(reference["prompts"][:batch]),
+        "latents": reference["latents"][:batch].to(device),
+        "embeddings": reference["embeddings"][:batch].to(device),
+    }
+
+
+def max_abs_error(output: torch.Tensor, expected: torch.Tensor) -> float | None:
+    """max |output - expected| in float32; None when the output holds NaN or Inf."""
+    got = output.detach().float().cpu()
+    if tuple(got.shape) != tuple(expected.shape):
+        raise ValueError(f"output shape {list(got.shape)}, expected {list(expected.shape)} as eager gives")
+    if not torch.isfinite(got).all():
+        return None
+    return (got - expected).abs().max().item()
+
+
+def prompts_for(batch: int) -> list[str]:
+    """`batch` distinct prompts (a runtime that encodes each distinct prompt once still does the whole batch)."""
+    return [f"{PROMPTS[i % len(PROMPTS)]}, variant {i // len(PROMPTS)}" for i in range(batch)]
+
+
+@torch.inference_mode()
+def fp64_floors(
+    modules: tuple[Any, Any, Any], reference: dict[str, Any], job: dict[str, Any], device: torch.device
+) -> dict[str, float]:
+    """max |eager fp32 - eager fp64| of the text and mapper stages: the rounding noise any correct fp32 path shows
+    (the seeded random mapper amplifies it strongly)."""
+    text64, mapper64 = (copy.deepcopy(m).double() for m in modules[:2])
+    floors = {}
+    for batch in job["batches"]:
+        inputs = batch_inputs(reference, batch, device)
+        for stage in ("text", "mapper"):
+            key = f"{stage}/{batch}"
+            if stage not in job["stages"] or key not in reference["outputs"]:
+                continue
+            if stage == "text":
+                exact = text64(text64.tokenize(inputs["prompts"]).to(device))
+            else:
+                exact = mapper64(inputs["latents"].double(), inputs["embeddings"].double())
+            floors[key] = (reference["outputs"][key].double() - exact.cpu()).abs().max().item()
+    return floors
+
+
+def make_reference(job: dict[str, Any], emit: Emit) -> None:
+    """Inputs and eager fp32 outputs for every stage and batch of the job, saved to `job["output"]`."""
+    device = torch.device(job["device"])
+    emit({"type": "machine", "machine": machine_info(device)})
+    artifacts = Path(job["artifacts"]) if job.get("artifacts") else None
+    modules = build_modules(job["preset"], device, artifacts)
+    generator = modules[2]
+    largest = max(job["batches"])
+    prompts = prompts_for(largest)
+    z = torch.randn(largest, generator.config.style_dim, generator=torch.Generator().manual_seed(0))
+    stages = module_stages(modules, device, "fp32", compiled=False)
+    with torch.inference_mode():
+        latents = generator.mapping(z.to(device), TRUNCATION).contiguous()
+    reference: dict[str, Any] = {"prompts": prompts, "latents": latents.cpu(), "embeddings": stages.text(prompts).cpu()}
+    reference["outputs"] = {
+        f"{stage}/{batch}": stages.call(stage, batch_inputs(reference, batch, device)).float().cpu()
+        for stage in job["stages"]
+        for batch in job["batches"]
+    }
+    reference["floors"] = fp64_floors(modules, reference, job, device)
+    with atomic_file(job["output"]) as tmp:
+        torch.save(reference, tmp)
+
+
+def export_folder(job: dict[str, Any], emit: Emit) -> None:
+    """Export the preset's stages in `job["formats"]` with the exporter's Python API."""
+    from ffclip.config import get_preset
+    from ffclip.export.exporter import ExportOptions, export_artifacts
+
+    batches = sorted(job["batches"])
+    options = ExportOptions(
+        precision=job["precision"],
+        formats=tuple(job["formats"]),
+        min_batch=batches[0],
+        opt_batch=batches[len(batches) // 2],
+        max_batch=batches[-1],
+        device=torch.device(job["device"]),
+    )
+    seed = get_preset(job["preset"]).seed
+    origin = {"embedded_default": f"embedded default of preset {job['preset']}, seed {seed}"}
+    export_artifacts(
+        build_modules(job["preset"], torch.device("cpu")),
+        Path(job["output"]),
+        options,
+        preset=job["preset"],
+        sources={name: origin for name in MODEL_STAGES},
+    )
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def measure(
+    stages: StageSet, cell: Cell, reference: dict[str, Any], device: torch.device, job: dict[str, Any]
+) -> dict[str, Any]:
+    """Time one cell; its first (untimed) call gives the output compared with eager fp32."""
+    inputs = batch_inputs(reference, cell.batch, device)
+    output = stages.call(cell.stage, inputs)
+    error = max_abs_error(output, reference["outputs"][f"{cell.stage}/{cell.batch}"])
+    del output
+    release_freed_memory()
+    with PeakMemory(device) as memory:
+        samples = time_calls(
+            lambda: stages.call(cell.stage, inputs),
+            device,
+            warmup=max(0, job["warmup"] - 1),
+            iters=job["iters"],
+            budget_s=job["budget_s"],
+        )
+    stats = summarize(samples)
+    return cell.row(
+        "ok",
+        None if error is not None else "non-finite values in the output",
+        **stats.to_dict(),
+        throughput=cell.batch / (stats.median_ms / 1e3),
+        memory_mib=memory.peak_mib,
+        memory_kind=memory.kind,
+        max_abs_err=error,
+        floor=reference["floors"].get(f"{cell.stage}/{cell.batch}"),
+    )
+
+
+def time_cells(job: dict[str, Any], emit: Emit) -> None:
+    """Measure every cell of the job's backend, one row event per cell; a cell's failure does not stop the rest."""
+    device = torch.device(job["device"])
+    cells = [Cell(**c) for c in job["cells"]]
+    reference = torch.load(job["reference"], map_location="cpu", weights_only=True, mmap=True)
+    artifacts = Path(job["artifacts"]) if job.get("artifacts") else None
+    with contextlib.ExitStack() as stack:
+        try:
+            stages = stack.enter_context(
+                open_stages(job["backend"], job["preset"], device, job["precision"], artifacts)
+            )
+        except Exception as exc:  # a backend that cannot start still yields one row per cell
+            status = "skipped" if isinstance(exc, FfclipError) else "error"
+            for cell in cells:
+                emit({"type": "row", "row": cell.row(status, str(exc) if status == "skipped" else _failure(exc))})
+            return
+        for cell in cells:
+            try:
+                row = measure(stages, cell, reference, device, job)
+            except FfclipError as exc:
+                row = cell.row("skipped", str(exc))
+            except Exception as exc:  # reported in the row, so one broken cell leaves the others measurable
+                traceback.print_exc()
+                row = cell.row("error", _failure(exc))
+            emit({"type": "row", "row": row})
+
+
+MODES: dict[str, Callable[[dict[str, Any], Emit], None]] = {
+    "reference": make_reference,
+    "export": export_folder,
+    "time": time_cells,
+}
+
+
+def _event_stream() -> TextIO:
+    """A private handle on the original stdout; fd 1 is pointed at stderr so stray prints cannot corrupt events."""
+    stream = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    return stream
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the job file named on the command line."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m ffclip.benchmarks.worker JOB.json")
+    job = json.loads(Path(args[0]).read_text())
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    events = _event_stream()
+
+    def emit(event: dict[str, Any]) -> None:
+        events.write(json.dumps(event) + "\n")
+
+    try:
+        MODES[job["mode"]](job, emit)
+    except Exception as exc:
+        traceback.print_exc()
+        print(_failure(exc), file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        events.close()
+
+
+if __name__ == "__main__":
+    main()
