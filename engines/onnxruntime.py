@@ -25,6 +25,8 @@ class OnnxRuntimeEngine(StageEngine):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 16)
         options.log_severity_level = 3
+        # three sessions share the cores: idle workers must sleep, not spin, or they slow the session that runs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # graph-optimiser notices go to the default logger, not the session's
         ort.set_default_logger_severity(3)
         if self.device.type == "cuda":
