@@ -7,17 +7,14 @@ import pytest
 import torch
 
 from ffclip.checkpoints.bundle import load_module, save_module
-from ffclip.config import GeneratorConfig, MapperConfig, TextConfig, get_preset
+from export_fixtures import TINY
+
+from ffclip.config import GeneratorConfig, MapperConfig, get_preset
 from ffclip.errors import CheckpointError, InputError
 from ffclip.factory import build_generator, build_mapper, build_text_encoder
 from ffclip.models import ops
 
-TINY_TEXT = TextConfig(
-    model="tiny",
-    embed_dim=512,
-    text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
-    vision_cfg={"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-)
+TINY_TEXT = TINY.text
 
 
 def odd_generator(resolution: int = 32):

@@ -3,18 +3,15 @@
 import pytest
 import torch
 
+from export_fixtures import TINY
+
 from ffclip.checkpoints.bundle import load_module
-from ffclip.config import GeneratorConfig, MapperConfig, TextConfig
+from ffclip.config import GeneratorConfig, MapperConfig
 from ffclip.errors import InputError
 from ffclip.factory import build_generator, build_mapper, build_text_encoder
 from ffclip.training import MapperTrainer, TrainConfig, plot_losses, step_decay
 
-TINY_CLIP = TextConfig(
-    model="tiny",
-    embed_dim=512,
-    text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
-    vision_cfg={"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-)
+TINY_CLIP = TINY.text
 
 
 def tiny_trainer(steps=12, **overrides):
