@@ -6,9 +6,9 @@ import warnings
 import pytest
 import torch
 
-from ffclip.checkpoints.bundle import load_module, save_module
 from export_fixtures import TINY
 
+from ffclip.checkpoints.bundle import load_module, save_module
 from ffclip.config import GeneratorConfig, MapperConfig, get_preset
 from ffclip.errors import CheckpointError, InputError
 from ffclip.factory import build_generator, build_mapper, build_text_encoder
