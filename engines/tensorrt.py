@@ -55,6 +55,16 @@ def gpu_facts(device: torch.device) -> dict[str, Any]:
     return {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
 
 
+def fit_problem(built: dict[str, Any], here: dict[str, Any], precision: str, bf16_supported: bool) -> str | None:
+    """Why an engine whose build facts are `built` cannot run where `gpu_facts` gives `here`; None when it fits."""
+    for key in ("tensorrt", "compute_capability"):
+        if built.get(key) != here[key]:
+            return f"was built for {key} {built.get(key)}, this machine has {here[key]}"
+    if precision == "bf16" and not bf16_supported:
+        return "is bf16, which this GPU does not support"
+    return None
+
+
 def check_cuda(result: tuple) -> Any:
     """Unpack a cuda-python call's (error, *values), raising on an error code."""
     err, *values = result
@@ -112,17 +122,13 @@ class TensorRTEngine(StageEngine):
 
     def _check_fits(self) -> None:
         """Refuse an engine built for another TensorRT version, GPU or a precision this GPU lacks."""
-        built = self.stage.entry.get("tensorrt", {})
-        here = gpu_facts(self.device)
-        rebuild = f"rebuild here with ffclip-export --formats tensorrt --precision {self.stage.precision} --out {self.folder}"
-        for key in ("tensorrt", "compute_capability"):
-            if built.get(key) != here[key]:
-                raise EngineUnavailable(
-                    f"{self.folder}: the {self.stage.name} TensorRT engine was built for {key} {built.get(key)}, "
-                    f"this machine has {here[key]}; {rebuild}"
-                )
-        if self.stage.precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise EngineUnavailable(f"{self.folder}: bf16 engines need a GPU with bf16 support; {rebuild}")
+        problem = fit_problem(self.stage.entry.get("tensorrt", {}), gpu_facts(self.device), self.stage.precision,
+                              torch.cuda.is_bf16_supported())
+        if problem is not None:
+            raise EngineUnavailable(
+                f"{self.folder}: the {self.stage.name} TensorRT engine {problem}; rebuild here with ffclip-export "
+                f"--formats tensorrt --precision {self.stage.precision} --out {self.folder}"
+            )
 
     def _load(self) -> None:
         path = self.stage.file(self.folder, self.artifact)

@@ -5,12 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ffclip.engines.tensorrt import tensorrt_reason
+from ffclip.engines.tensorrt import fit_problem, tensorrt_reason
 
 REASON = tensorrt_reason(torch.device("cuda"))
-pytestmark = [pytest.mark.tensorrt, pytest.mark.skipif(REASON is not None, reason=str(REASON))]
+
+HERE = {"tensorrt": "10.9.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 
 
+def test_an_engine_fits_only_the_tensorrt_and_gpu_it_was_built_for():
+    assert fit_problem(dict(HERE), HERE, "fp16", bf16_supported=True) is None
+    assert "tensorrt 10.8.0" in fit_problem({**HERE, "tensorrt": "10.8.0"}, HERE, "fp16", True)
+    assert "compute_capability 8.6" in fit_problem({**HERE, "compute_capability": "8.6"}, HERE, "fp32", True)
+    assert "built for tensorrt None" in fit_problem({}, HERE, "fp32", True)
+    assert "bf16" in fit_problem(dict(HERE), HERE, "bf16", bf16_supported=False)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(REASON is not None, reason=str(REASON))
 def test_tensorrt_export_and_runtime_match_eager(tmp_path):
     from ffclip.export.exporter import ExportOptions, export_artifacts
     from ffclip.factory import build_preset
