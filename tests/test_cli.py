@@ -152,3 +152,10 @@ def test_train_then_edit_with_the_trained_mapper(monkeypatch, capsys, tmp_path):
 def test_train_resume_needs_saved_state(monkeypatch, capsys, tmp_path):
     code, _, err = run(monkeypatch, capsys, "train", "--resume", "--out", tmp_path / "empty", "--device", "cpu")
     assert_user_error(code, err, "train_state.pt")
+
+
+def test_checkpoints_and_artifacts_do_not_mix(monkeypatch, capsys, tmp_path):
+    mapper_file = save_module(tmp_path / "mapper.safetensors", build_mapper(MapperConfig(num_ws=NUM_WS)))
+    code, _, err = run(monkeypatch, capsys, "edit", "--artifacts", tmp_path, "--mapper", mapper_file, "--prompt", "x",
+                       "--out", tmp_path / "g.png", "--device", "cpu")
+    assert_user_error(code, err, "--artifacts")

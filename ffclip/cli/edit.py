@@ -101,6 +101,9 @@ def _open_stages(sources: StageSources, device: torch.device, artifacts: Path | 
         return pipeline
     from ..runtime import Runtime
 
+    if not sources.is_embedded_default:
+        raise InputError("--generator/--mapper/--clip do not apply with --artifacts: the folder holds its own weights; "
+                         "re-export it with ffclip-export to serve other checkpoints")
     runtime = Runtime.load(artifacts, backend=backend, device=device)
     _say(f"serving from {artifacts} with the {runtime.backend} backend")
     return runtime
