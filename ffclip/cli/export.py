@@ -53,6 +53,9 @@ def export(sources: StageSources, precision: str, out: Path | None, formats: str
         else {"embedded_default": f"embedded default of preset {sources.preset}, seed {stage_seed}"}
         for stage, (path, stage_seed) in origin.items()
     }
+    if precision != "fp32":
+        console.print(f"note: {precision} applies to the TensorRT engines and to TorchScript traced on CUDA; ONNX files "
+                      "are fp32 graphs" + ("" if options.device.type == "cuda" else ", and on the CPU TorchScript is fp32 too"))
     console.print(f"loading the stages (preset {sources.preset})")
     modules = sources.load("cpu")
     try:
