@@ -115,7 +115,7 @@ def export_artifacts(
     raises `ExportFailed` after every stage and format was tried, so the report lists all problems."""
     out = Path(out)
     specs = stage_specs(*modules)
-    by_name = dict(zip(specs, (m.cpu().float().eval() for m in modules)))
+    by_name = dict(zip(specs, (copy.deepcopy(m).cpu().float().eval() for m in modules)))
     report = ExportReport(out)
     with atomic_dir(out) as tmp:
         old_cache = out / TIMING_CACHE

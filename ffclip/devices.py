@@ -8,9 +8,10 @@ from .errors import InputError
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
-    """A `torch.device` that exists on this machine; "auto" or None picks CUDA when present, else the CPU."""
+    """A `torch.device` that exists on this machine (CUDA with its index); "auto" or None picks CUDA when present,
+    else the CPU."""
     if name is None or str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -23,6 +24,7 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
             raise InputError(
                 f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
             )
+        device = torch.device("cuda", index)
     elif device.type != "cpu":
         raise InputError(f"device type {device.type!r} is not supported; use cpu, cuda, cuda:N or auto")
     return device

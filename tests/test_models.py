@@ -137,3 +137,29 @@ def test_every_style_layer_reaches_the_image():
             moved = w.clone()
             moved[:, j] += 1.0
             assert not torch.allclose(g.synthesis(moved), base), f"style layer {j} is never read"
+
+
+def test_mapper_in_float16_stays_finite():
+    mapper = build_mapper(MapperConfig(num_ws=14), seed=3).half()
+    g = torch.Generator().manual_seed(0)
+    w, e = torch.randn(8, 14, 512, generator=g).half(), torch.randn(8, 512, generator=g).half()
+    with torch.no_grad():
+        assert torch.isfinite(mapper(w, e)).all()
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from ffclip.atomic import atomic_dir, atomic_file
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "f.bin") as tmp:
+            tmp.write_bytes(b"x")
+        with atomic_dir(tmp_path / "d") as folder:
+            (folder / "a").write_text("a")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755

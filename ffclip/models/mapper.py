@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MapperConfig
+from .ops import widen
 
 INJECTION_SLOPE = 0.01
 
@@ -23,7 +24,9 @@ MapperForm = Literal["eager", "triton"]
 
 def normalise_layers(x: torch.Tensor) -> torch.Tensor:
     """Step 1: scale each channel of `x [B, L, D]` to unit second moment across the L layers."""
-    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
+    # in float32 at least: 1e-8 vanishes in float16, and a channel whose moment underflows would give 0 * inf
+    xf = widen(x)
+    return (xf * torch.rsqrt(xf.square().mean(dim=1, keepdim=True) + 1e-8)).to(x.dtype)
 
 
 def _injection_mlp(dim: int) -> nn.Sequential:

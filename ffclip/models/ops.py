@@ -64,9 +64,15 @@ def equal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(x, weight * gain, None if bias is None else bias * lr_mul)
 
 
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 when it is a narrower float (float64 stays), for sums whose epsilon float16 cannot hold."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def demodulation(weight: torch.Tensor, styles: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Per-sample output-channel coefficients `rsqrt(styles^2 @ sum_k(W^2)^T + eps)`, shape `[B, Cout]`."""
-    return torch.rsqrt(styles.square() @ weight.square().sum(dim=(2, 3)).t() + eps)
+    s, w = widen(styles), widen(weight)
+    return torch.rsqrt(s.square() @ w.square().sum(dim=(2, 3)).t() + eps).to(styles.dtype)
 
 
 def modulated_conv2d(
@@ -132,4 +138,5 @@ def bias_leaky_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Normalise each vector to unit second moment over its last axis."""
-    return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
+    xf = widen(x)
+    return (xf * torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
