@@ -48,10 +48,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def launcher(kernel: Any, name: str, configs: list[Config], key: list[str]) -> Callable[..., Any]:
+def launcher(
+    kernel: Any, name: str, configs: list[Config], key: list[str], reset_to_zero: tuple[str, ...] = ()
+) -> Callable[..., Any]:
     """A function `launch(grid, config, **args)` running `kernel` with `config`, or autotuned over `configs` when None.
 
     Under the interpreter, or with an explicit `config`, the plain kernel runs with fixed meta-parameters.
+    `reset_to_zero` names buffers that the autotuner zeroes before each trial and before the chosen config runs.
     """
     import triton
 
@@ -61,7 +64,7 @@ def launcher(kernel: Any, name: str, configs: list[Config], key: list[str]) -> C
             triton.Config({k: v for k, v in c.items() if k.startswith("BLOCK")}, num_warps=c["num_warps"], num_stages=c["num_stages"])
             for c in configs
         ]
-        return triton.autotune(configs=candidates, key=key)(kernel)
+        return triton.autotune(configs=candidates, key=key, reset_to_zero=list(reset_to_zero) or None)(kernel)
 
     def launch(grid: Callable[[dict[str, int]], tuple[int, ...]], config: Config | None, **args: Any) -> None:
         if config is None and interpreting():

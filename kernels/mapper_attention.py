@@ -143,7 +143,10 @@ def _block_output_kernel(
     tl.store(out_ptr + b * so_b + l * so_l + offs_d * so_d, y.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-_launch_attention = _config.launcher(_channel_attention_kernel, "attention", _config.ATTENTION_CONFIGS, ["D", "R", "FACTORED"])
+# the partial-sum buffer is sized for the smallest row block: trials with small blocks must not leave rows behind
+_launch_attention = _config.launcher(
+    _channel_attention_kernel, "attention", _config.ATTENTION_CONFIGS, ["D", "R", "FACTORED"], reset_to_zero=("part_ptr",)
+)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
