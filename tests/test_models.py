@@ -163,3 +163,17 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+
+
+def test_damaged_bundles_get_a_checkpoint_error(tmp_path):
+    from ffclip.checkpoints.bundle import save_bundle
+
+    mapper = build_mapper(MapperConfig(num_ws=4))
+    state = mapper.state_dict()
+    bad_config = save_bundle(tmp_path / "config.safetensors", "mapper", {"num_ws": 4, "bogus": 1}, state)
+    with pytest.raises(CheckpointError, match="config.safetensors.*unusable config"):
+        load_module(bad_config)
+    state["blocks.0.q_matrix.weight"] = torch.zeros(3, 3)
+    bad_shape = save_bundle(tmp_path / "shape.safetensors", "mapper", {"num_ws": 4}, state)
+    with pytest.raises(CheckpointError, match="shape.safetensors.*mismatched shapes"):
+        load_module(bad_shape)

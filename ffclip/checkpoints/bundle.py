@@ -28,6 +28,7 @@ class Bundle:
     config: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     extra: dict[str, Any]
+    path: str = ""
 
 
 def save_bundle(
@@ -75,9 +76,15 @@ def load_bundle(path: str | os.PathLike, expect_kind: str | None = None) -> Bund
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable ffclip bundle ({exc.__class__.__name__}: {exc})") from None
     kind = meta.get("kind", "?")
+    if kind not in KINDS:
+        raise CheckpointError(f"{path}: an ffclip bundle of unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     if expect_kind is not None and kind != expect_kind:
         raise CheckpointError(f"{path}: an ffclip {kind} bundle, but a {expect_kind} was expected")
-    return Bundle(kind=kind, config=json.loads(meta["config"]), state_dict=tensors, extra=json.loads(meta["extra"]))
+    try:
+        config, extra = json.loads(meta["config"]), json.loads(meta.get("extra", "{}"))
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: an ffclip {kind} bundle with damaged metadata ({exc.__class__.__name__})") from None
+    return Bundle(kind=kind, config=config, state_dict=tensors, extra=extra, path=str(path))
 
 
 def save_module(path: str | os.PathLike, module: torch.nn.Module, extra: dict[str, Any] | None = None) -> Path:
@@ -100,18 +107,23 @@ def module_from_bundle(bundle: Bundle) -> torch.nn.Module:
     from ..config import GeneratorConfig, MapperConfig, TextConfig, from_dict
     from ..models import Generator, Mapper, TextEncoder
     from ..models.text_encoder import build_clip
+    from .detect import load_strict
 
-    if bundle.kind == "generator":
-        module = Generator(from_dict(GeneratorConfig, bundle.config))
-    elif bundle.kind == "mapper":
-        module = Mapper(from_dict(MapperConfig, bundle.config))
-    else:
-        config = from_dict(TextConfig, bundle.config)
-        module = TextEncoder(build_clip(config), config)
-        if not bundle.extra.get("vision", True):
-            module.drop_vision()
-    module.load_state_dict(bundle.state_dict, strict=True)
-    return module.eval().requires_grad_(False)
+    found = f"an ffclip {bundle.kind} bundle"
+    accepted = "an ffclip bundle holds the config and tensors that save_module wrote"
+    try:
+        if bundle.kind == "generator":
+            module = Generator(from_dict(GeneratorConfig, bundle.config))
+        elif bundle.kind == "mapper":
+            module = Mapper(from_dict(MapperConfig, bundle.config))
+        else:
+            config = from_dict(TextConfig, bundle.config)
+            module = TextEncoder(build_clip(config), config)
+            if not bundle.extra.get("vision", True):
+                module.drop_vision()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{bundle.path}: {found} with an unusable config ({exc})") from None
+    return load_strict(module, bundle.state_dict, bundle.path, found, accepted)
 
 
 def load_module(path: str | os.PathLike, expect_kind: str | None = None) -> torch.nn.Module:
