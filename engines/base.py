@@ -118,8 +118,10 @@ class StageEngine(abc.ABC):
         self.folder = Path(folder)
         self.stage = stage
         self.device = torch.device(device)
-        self._lock = threading.Lock()
+        self._serial = threading.Lock()  # serialises calls unless `thread_safe`
+        self._state = threading.Condition()  # guards `_closed` and `_active`
         self._closed = False
+        self._active = 0
 
     @classmethod
     @abc.abstractmethod
@@ -148,16 +150,23 @@ class StageEngine(abc.ABC):
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the stage on named inputs; returns named outputs on this engine's device."""
-        if self._closed:
-            raise EngineUnavailable(f"the {self.backend} engine of the {self.stage.name} stage is closed")
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise ValueError(f"{self.stage.name}: missing inputs {missing}")
-        feeds = {t.name: inputs[t.name].to(self.device, t.torch_dtype).contiguous() for t in self.stage.inputs}
-        if self.thread_safe:
-            return self._run(feeds)
-        with self._lock:
-            return self._run(feeds)
+        with self._state:
+            if self._closed:
+                raise EngineUnavailable(f"the {self.backend} engine of the {self.stage.name} stage is closed")
+            self._active += 1
+        try:
+            feeds = {t.name: inputs[t.name].to(self.device, t.torch_dtype).contiguous() for t in self.stage.inputs}
+            if self.thread_safe:
+                return self._run(feeds)
+            with self._serial:
+                return self._run(feeds)
+        finally:
+            with self._state:
+                self._active -= 1
+                self._state.notify_all()
 
     __call__ = run
 
@@ -169,11 +178,13 @@ class StageEngine(abc.ABC):
         """Free what the engine holds (sessions, modules, device memory)."""
 
     def close(self) -> None:
-        """Free the engine's memory; later calls raise."""
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._release()
+        """Free the engine's memory once the calls in progress have finished; later calls raise."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            self._state.wait_for(lambda: self._active == 0)
+        self._release()
 
     def __enter__(self) -> "StageEngine":
         return self

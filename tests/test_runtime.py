@@ -131,3 +131,36 @@ def test_triton_backend_serves_the_kernel_forms(folder, runtimes):
         assert rt._engines["generator"]._module.conv_form == "triton"
         prompts = ["freckles", "a hat"]
         torch.testing.assert_close(rt.encode_text(prompts), runtimes["eager"].encode_text(prompts), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_close_waits_for_calls_in_progress(folder, backend):
+    import threading
+
+    from ffclip.engines.base import EngineUnavailable
+
+    rt = Runtime.load(folder, backend, "cpu")
+    w = _latents(2)
+    errors_seen: list[BaseException] = []
+    started = threading.Barrier(5)
+
+    def worker():
+        started.wait()
+        try:
+            while True:
+                rt.synthesize(w)
+        except EngineUnavailable:
+            return
+        except BaseException as exc:  # anything else is a race between close and a running call
+            errors_seen.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started.wait()
+    rt.close()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors_seen and not any(t.is_alive() for t in threads)
+    with pytest.raises(EngineUnavailable):
+        rt.synthesize(w)
