@@ -55,19 +55,20 @@ class Runtime:
         dev = resolve_device(device)
         manifest = read_manifest(folder)
         infos = {name: StageInfo.from_manifest(manifest, name) for name in STAGES}
-        if backend == "auto":
-            backend = _pick_backend(infos, dev)
-        engine = engine_class(backend)
-        engine.require(dev)
-        engines: dict[str, StageEngine] = {}
-        try:
-            for name, info in infos.items():
-                engines[name] = engine(folder, info, dev)
-        except BaseException:
-            for e in engines.values():
-                e.close()
-            raise
-        return cls(folder, manifest, engines, backend, dev, max_batch, cache_size)
+        if backend != "auto":
+            return cls(folder, manifest, _open_engines(folder, infos, backend, dev), backend, dev, max_batch, cache_size)
+        reasons = []
+        for candidate in _candidates(infos, dev):
+            try:
+                engines = _open_engines(folder, infos, candidate, dev)
+            except EngineUnavailable as exc:  # e.g. a TensorRT engine built for another GPU: fall back
+                reasons.append(f"{candidate}: {exc}")
+                continue
+            return cls(folder, manifest, engines, candidate, dev, max_batch, cache_size)
+        raise ArtifactError(
+            f"no backend can serve {folder} on {dev}" + (f" ({'; '.join(reasons)})" if reasons else "")
+            + "; re-export it with ffclip-export"
+        )
 
     @property
     def backend(self) -> str:
@@ -180,8 +181,9 @@ class Runtime:
         self.close()
 
 
-def _pick_backend(infos: dict[str, StageInfo], device: torch.device) -> str:
-    """The first backend of `AUTO_ORDER` whose artifacts exist for every stage and that can run on `device`."""
+def _candidates(infos: dict[str, StageInfo], device: torch.device) -> list[str]:
+    """The backends of `AUTO_ORDER`, best first, whose artifacts exist for every stage and that can run on `device`."""
+    found = []
     for backend in AUTO_ORDER:
         try:
             cls = engine_class(backend)
@@ -189,8 +191,23 @@ def _pick_backend(infos: dict[str, StageInfo], device: torch.device) -> str:
             continue
         if all(cls.artifact in i.files for i in infos.values()):
             if cls.availability(device) is None and _traced_for(infos, backend, device):
-                return backend
-    raise ArtifactError(f"no backend can serve this artifact folder on {device}; re-export it with ffclip-export")
+                found.append(backend)
+    return found
+
+
+def _open_engines(folder: Path, infos: dict[str, StageInfo], backend: str, device: torch.device) -> dict[str, StageEngine]:
+    """One engine of `backend` per stage; those already opened are closed again if a later one fails."""
+    engine = engine_class(backend)
+    engine.require(device)
+    engines: dict[str, StageEngine] = {}
+    try:
+        for name, info in infos.items():
+            engines[name] = engine(folder, info, device)
+    except BaseException:
+        for e in engines.values():
+            e.close()
+        raise
+    return engines
 
 
 def _traced_for(infos: dict[str, StageInfo], backend: str, device: torch.device) -> bool:

@@ -164,3 +164,15 @@ def test_close_waits_for_calls_in_progress(folder, backend):
     assert not errors_seen and not any(t.is_alive() for t in threads)
     with pytest.raises(EngineUnavailable):
         rt.synthesize(w)
+
+
+def test_auto_falls_back_when_an_engine_cannot_open(folder, monkeypatch):
+    from ffclip.engines.base import EngineUnavailable
+    from ffclip.engines.onnxruntime import OnnxRuntimeEngine
+
+    def refuse(self, *args, **kwargs):
+        raise EngineUnavailable("built for another machine")
+
+    monkeypatch.setattr(OnnxRuntimeEngine, "__init__", refuse)
+    with Runtime.load(folder, "auto", "cpu") as rt:
+        assert rt.backend == "torchscript"
