@@ -11,20 +11,25 @@ from .latents import check_latents, sample_latents
 from .models import Generator, Mapper, TextEncoder
 
 
+def check_stages_fit(text_encoder: TextEncoder, mapper: Mapper, generator: Generator) -> None:
+    """Raise `InputError` when the mapper's layer count or width does not fit the generator or the text encoder."""
+    if mapper.num_ws != generator.num_ws:
+        raise InputError(
+            f"the mapper edits {mapper.num_ws} style layers but the generator has {generator.num_ws} "
+            f"({generator.resolution} px); use a mapper trained for this generator"
+        )
+    if text_encoder.embed_dim != mapper.config.dim:
+        raise InputError(
+            f"the text encoder gives {text_encoder.embed_dim}-wide embeddings but the mapper expects "
+            f"{mapper.config.dim}; use the CLIP model the mapper was trained with"
+        )
+
+
 class EditPipeline:
     """The three stages in a row. Same method names as `ffclip.runtime.Runtime`, so callers can use either."""
 
     def __init__(self, text_encoder: TextEncoder, mapper: Mapper, generator: Generator, device: str = "cpu"):
-        if mapper.num_ws != generator.num_ws:
-            raise InputError(
-                f"the mapper edits {mapper.num_ws} style layers but the generator has {generator.num_ws} "
-                f"({generator.resolution} px); use a mapper trained for this generator"
-            )
-        if text_encoder.embed_dim != mapper.config.dim:
-            raise InputError(
-                f"the text encoder gives {text_encoder.embed_dim}-wide embeddings but the mapper expects "
-                f"{mapper.config.dim}; use the CLIP model the mapper was trained with"
-            )
+        check_stages_fit(text_encoder, mapper, generator)
         self.device = resolve_device(device)
         self.text_encoder = text_encoder.to(self.device).eval()
         self.mapper = mapper.to(self.device).eval()

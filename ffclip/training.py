@@ -21,6 +21,7 @@ from .atomic import atomic_file
 from .checkpoints.bundle import save_module
 from .errors import InputError
 from .models import Generator, Mapper, TextEncoder
+from .pipeline import check_stages_fit
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -100,6 +101,7 @@ class MapperTrainer:
     ):
         if not config.prompts:
             raise InputError("no training prompts; give a prompts file with at least one line")
+        check_stages_fit(text_encoder, mapper, generator)
         self.device = torch.device(device)
         self.config = config
         self.mapper = mapper.to(self.device).train().requires_grad_(True)
@@ -162,6 +164,8 @@ class MapperTrainer:
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "history": [[h.clip, h.latent, h.embedding, h.total] for h in self.history],
+            "torch_rng": self._torch_rng.get_state(),
+            "prompt_rng": list(self._rng.getstate()[1]),
         }
         with atomic_file(folder / "train_state.pt") as tmp:
             torch.save(state, tmp)
@@ -169,17 +173,25 @@ class MapperTrainer:
 
     def resume(self, folder: str | os.PathLike) -> None:
         """Continue from `save`'s output: mapper weights, optimiser state, step and loss history."""
-        from .checkpoints.bundle import load_module
+        from .checkpoints.bundle import load_bundle, module_from_bundle
 
         folder = Path(folder)
-        loaded = load_module(folder / "mapper.safetensors", expect_kind="mapper")
+        bundle = load_bundle(folder / "mapper.safetensors", expect_kind="mapper")
+        loaded = module_from_bundle(bundle)
         if loaded.config != self.mapper.config:
             raise InputError(f"{folder}: the saved mapper has config {loaded.config}, this run uses {self.mapper.config}")
+        state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
+        if bundle.extra.get("trained_steps") != state["step"]:
+            raise InputError(
+                f"{folder}: mapper.safetensors is from step {bundle.extra.get('trained_steps')} but train_state.pt from "
+                f"step {state['step']} (an interrupted save); start again without --resume"
+            )
         self.mapper.load_state_dict(loaded.state_dict())
-        state = torch.load(folder / "train_state.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.history = [StepLosses(*h) for h in state["history"]]
+        self._torch_rng.set_state(state["torch_rng"])
+        self._rng.setstate((3, tuple(state["prompt_rng"]), None))
 
     def fit(self, out: str | os.PathLike, on_step: Callable[[int, StepLosses], None] | None = None) -> Path:
         """Train until `config.steps`, saving every `save_every` steps and at the end; returns the mapper file."""

@@ -66,3 +66,33 @@ def test_training_needs_prompts_and_an_image_tower():
     trainer.text_encoder.drop_vision()
     with pytest.raises(InputError, match="image tower"):
         MapperTrainer(trainer.mapper, trainer.generator, trainer.text_encoder, trainer.config)
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
+    straight = tiny_trainer(steps=8)
+    straight.fit(tmp_path / "straight")
+    first = tiny_trainer(steps=8)
+    for _ in range(4):
+        first.train_step()
+    first.save(tmp_path / "split")
+    second = tiny_trainer(steps=8)
+    second.resume(tmp_path / "split")
+    second.fit(tmp_path / "split")
+    assert [h.total for h in second.history] == pytest.approx([h.total for h in straight.history], rel=1e-5)
+
+
+def test_resume_refuses_a_half_written_save(tmp_path):
+    trainer = tiny_trainer(steps=3)
+    trainer.fit(tmp_path)
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    state["step"] = 2
+    torch.save(state, tmp_path / "train_state.pt")
+    with pytest.raises(InputError, match="interrupted save"):
+        tiny_trainer(steps=3).resume(tmp_path)
+
+
+def test_training_checks_that_the_stages_fit():
+    trainer = tiny_trainer()
+    wrong = build_mapper(MapperConfig(num_ws=trainer.generator.num_ws + 2), seed=0)
+    with pytest.raises(InputError, match="style layers"):
+        MapperTrainer(wrong, trainer.generator, trainer.text_encoder, trainer.config)
