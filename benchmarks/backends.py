@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ffclip.export.stages import STAGES as EXPORTED_STAGES
+
 STAGES = ("text", "mapper", "generator", "edit")
 BACKENDS = ("eager", "torchscript", "compile", "onnxruntime", "tensorrt", "triton")
 PRECISIONS = ("fp32", "fp16")
@@ -25,7 +27,6 @@ RUNTIME_BACKENDS = ("torchscript", "onnxruntime", "tensorrt", "triton")
 # the export each runtime backend needs: one folder per group, so a format that fails leaves the others usable;
 # triton runs the eager weights that every export folder holds, so any group serves it
 EXPORT_GROUPS = {"torchscript": ("torchscript",), "onnxruntime": ("onnx",), "tensorrt": ("onnx", "tensorrt")}
-MODEL_STAGES = ("text_encoder", "mapper", "generator")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -120,7 +121,7 @@ def build_modules(preset: str, device: torch.device, artifacts: Path | None = No
         from ffclip.export.manifest import read_manifest
 
         stages = read_manifest(artifacts, verify=False)["stages"]
-        modules = tuple(load_module(artifacts / stages[name]["files"]["eager"]) for name in MODEL_STAGES)
+        modules = tuple(load_module(artifacts / stages[name]["files"]["eager"]) for name in EXPORTED_STAGES)
     else:
         from ffclip.config import get_preset
         from ffclip.factory import build_preset

@@ -28,7 +28,7 @@ import torch
 from ffclip.atomic import atomic_file
 from ffclip.errors import FfclipError
 
-from .backends import MODEL_STAGES, StageSet, build_modules, module_stages, open_stages
+from .backends import EXPORTED_STAGES, StageSet, build_modules, module_stages, open_stages
 from .machine import machine_info
 from .runner import Cell
 from .timing import PeakMemory, release_freed_memory, summarize, time_calls
@@ -132,7 +132,7 @@ def export_folder(job: dict[str, Any], emit: Emit) -> None:
         Path(job["output"]),
         options,
         preset=job["preset"],
-        sources={name: origin for name in MODEL_STAGES},
+        sources={name: origin for name in EXPORTED_STAGES},
     )
 
 

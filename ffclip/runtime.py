@@ -21,11 +21,11 @@ from .engines import StageEngine, StageInfo, engine_class
 from .engines.base import EngineUnavailable
 from .errors import InputError
 from .export.manifest import ArtifactError, read_manifest
+from .export.stages import STAGES
 from .imaging import to_uint8
 from .latents import check_latents, sample_latents
 from .models.text_encoder import tokenize
 
-STAGES = ("text_encoder", "mapper", "generator")
 AUTO_ORDER = ("tensorrt", "onnxruntime", "torchscript", "eager")
 
 
