@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..models import mapper
 from ..models.mapper import INJECTION_SLOPE, MapperBlock, normalise_layers
 from . import _config
 
@@ -264,10 +265,10 @@ def channel_attention_reference(q2: torch.Tensor, k2: torch.Tensor, v2_mean: tor
     """`channel_attention` with the attention matrix formed, as `ffclip.models.mapper.ChannelAttention` computes it."""
     if e is not None:
         k2 = F.linear(_rows(e)[:, :, None], k2)
-    t = _rows(v2_mean)[:, None, :] @ torch.softmax(k2 @ q2 / math.sqrt(q2.shape[-1]), dim=-1)
+    t = mapper.channel_attention(q2, k2, _rows(v2_mean)[:, None, :])
     return F.layer_norm(t, (q2.shape[-1],)) if layer_norm else t
 
 
 def layer_selection_reference(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`layer_selection` as `ffclip.models.mapper.MapperBlock` computes it."""
-    return torch.softmax(k @ _rows(q)[:, :, None], dim=1) * v
+    return mapper.layer_selection(k, _rows(q)[:, None, :], v)

@@ -29,6 +29,17 @@ def normalise_layers(x: torch.Tensor) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.square().mean(dim=1, keepdim=True) + 1e-8)).to(x.dtype)
 
 
+def layer_selection(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Step 2: `softmax_L(K q^T) * V` for `K, V [B, L, D]` and `q [B, 1, D]`."""
+    return torch.softmax(k @ q.transpose(1, 2), dim=1) * v
+
+
+def channel_attention(q2: torch.Tensor, k2: torch.Tensor, v2_mean: torch.Tensor) -> torch.Tensor:
+    """Step 3 before its LayerNorm: `mean_L(V2) softmax(K2 Q2 / sqrt(D))` for `Q2 [B, L, D]`, `K2 [B, D, L]` and
+    `mean_L(V2) [B, 1, D]`, giving `[B, 1, D]`."""
+    return v2_mean @ torch.softmax(k2 @ q2 / math.sqrt(q2.shape[-1]), dim=-1)
+
+
 def _injection_mlp(dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.LeakyReLU(INJECTION_SLOPE), nn.Linear(dim, dim))
 
@@ -43,11 +54,9 @@ class ChannelAttention(nn.Module):
         self.v_matrix = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        q2 = self.q_matrix(x)  # [B, L, D]
         k2 = self.k_matrix(e.transpose(1, 2))  # [B, D, L]
-        v2_mean = self.v_matrix(x).mean(dim=1, keepdim=True)  # [B, 1, D]
-        attn = torch.softmax(k2 @ q2 / math.sqrt(x.shape[-1]), dim=-1)  # [B, D, D]
-        return F.layer_norm(v2_mean @ attn, (x.shape[-1],))
+        v2_mean = self.v_matrix(x).mean(dim=1, keepdim=True)
+        return F.layer_norm(channel_attention(self.q_matrix(x), k2, v2_mean), (x.shape[-1],))
 
 
 class MapperBlock(nn.Module):
@@ -68,8 +77,7 @@ class MapperBlock(nn.Module):
 
             return mapper_block(self, x, e)
         x = normalise_layers(x)
-        scores = self.k_matrix(x) @ self.q_matrix(e).transpose(1, 2)  # [B, L, 1]
-        h = torch.softmax(scores, dim=1) * self.v_matrix(x)
+        h = layer_selection(self.k_matrix(x), self.q_matrix(e), self.v_matrix(x))
         h = F.layer_norm(h + self.attention_layer(x, e), (x.shape[-1],))
         return F.leaky_relu(h * (1 + self.gamma_(e)) + self.beta_(e), INJECTION_SLOPE)
 
