@@ -26,7 +26,7 @@ from typing import Any, TextIO
 import torch
 
 from ffclip.atomic import atomic_file
-from ffclip.errors import FfclipError
+from ffclip.errors import FfclipError, summarize as summarize_error
 
 from .backends import EXPORTED_STAGES, StageSet, build_modules, module_stages, open_stages
 from .machine import machine_info
@@ -139,8 +139,7 @@ def export_folder(job: dict[str, Any], emit: Emit) -> None:
 def _failure(exc: BaseException) -> str:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return "out of memory"
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return summarize_error(exc)
 
 
 def measure(

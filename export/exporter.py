@@ -20,7 +20,7 @@ from ffclip.atomic import atomic_dir
 from ffclip.checkpoints.bundle import save_module
 from ffclip.engines import engine_class
 from ffclip.engines.tensorrt import tensorrt_reason
-from ffclip.errors import FfclipError, InputError
+from ffclip.errors import FfclipError, InputError, summarize
 
 from .manifest import read_manifest, write_manifest
 from .onnx_export import DEFAULT_OPSET, export_onnx
@@ -171,8 +171,7 @@ def _export_stage(
             with _exact_cuda_math():
                 parity = _BUILDERS[fmt](spec, module, folder, options, entry, (reference, reference64))
         except Exception as exc:
-            detail = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            report.outcomes.append(Outcome(spec.name, fmt, "failed", detail, time.perf_counter() - start))
+            report.outcomes.append(Outcome(spec.name, fmt, "failed", summarize(exc), time.perf_counter() - start))
             entry["files"].pop(fmt, None)
             continue
         seconds = time.perf_counter() - start

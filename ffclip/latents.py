@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_file
-from .errors import InputError
+from .errors import InputError, summarize
 
 
 def check_latents(latents: torch.Tensor | np.ndarray, num_ws: int, dim: int = 512, where: str = "latents") -> torch.Tensor:
@@ -46,9 +46,8 @@ def load_latents(path: str | os.PathLike, num_ws: int, dim: int = 512) -> torch.
     except InputError:
         raise
     except Exception as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise InputError(
-            f"{path}: cannot read latents ({exc.__class__.__name__}: {detail}); use a .npy or .pt file holding one "
+            f"{path}: cannot read latents ({summarize(exc)}); use a .npy or .pt file holding one "
             "float tensor"
         ) from None
     if isinstance(data, dict) and len(data) == 1:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import TextConfig
+from ..errors import summarize
 from ..models import TextEncoder
 from ..models.text_encoder import build_clip
 from .detect import FileKind, checkpoint_error, describe, load_strict, read_torch_file
@@ -64,8 +65,7 @@ def read_torchscript_state(path: str | os.PathLike, accepted: str) -> dict[str, 
 
             obj = RestrictedUnpickler(io.BytesIO(z.read(data_pkl)), module_prefixes=("__torch__.",), storage=storage).load()
     except Exception as exc:  # a damaged archive or a refused global
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise checkpoint_error(path, f"a TorchScript archive that cannot be read safely ({reason})", accepted) from None
+        raise checkpoint_error(path, f"a TorchScript archive that cannot be read safely ({summarize(exc)})", accepted) from None
     if not isinstance(obj, ModuleRecord):
         raise checkpoint_error(path, f"a TorchScript archive holding a {type(obj).__name__}", accepted)
     return obj.flat_tensors()

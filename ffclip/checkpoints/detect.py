@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, summarize
 from . import bundle
 from .safe_pickle import torch_load
 
@@ -100,8 +100,7 @@ def read_torch_file(path: str | os.PathLike, kind: FileKind, accepted: str) -> A
     try:
         return torch_load(path)
     except Exception as exc:  # torch.load raises many types for damaged or refused files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise checkpoint_error(path, f"{kind.description} that cannot be read safely ({reason})", accepted) from None
+        raise checkpoint_error(path, f"{kind.description} that cannot be read safely ({summarize(exc)})", accepted) from None
 
 
 def load_strict(

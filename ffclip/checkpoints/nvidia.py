@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..config import GeneratorConfig
+from ..errors import summarize
 from ..models import Generator
 from .detect import checkpoint_error
 from .rosinality import build_generator, check_filter
@@ -54,8 +55,7 @@ def read_pickle(path: str | os.PathLike, accepted: str) -> Any:
         with open(path, "rb") as f:
             return RestrictedUnpickler(f, extra=_PERSISTENCE_GLOBALS, module_prefixes=("torch.nn.modules.",)).load()
     except Exception as exc:  # unpickling a damaged or hostile file can raise almost anything
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise checkpoint_error(path, f"a pickle that cannot be read safely ({reason})", accepted) from None
+        raise checkpoint_error(path, f"a pickle that cannot be read safely ({summarize(exc)})", accepted) from None
 
 
 def is_nvidia(obj: object) -> bool:
