@@ -13,7 +13,7 @@ import torch
 
 from ..config import TextConfig, get_preset
 from ..factory import build_generator, build_mapper, build_text_encoder
-from ..errors import CheckpointError
+from ..errors import CheckpointError, summarize
 from ..models import Generator, Mapper, TextEncoder
 from . import clip, nvidia, release, rosinality
 from .bundle import load_bundle, load_module, module_from_bundle, save_module
@@ -121,8 +121,9 @@ def load_text_encoder(
         found = "an OpenAI CLIP TorchScript archive"
         try:
             config = clip.openai_config(state, vision)
-        except (KeyError, ValueError) as exc:
-            raise checkpoint_error(path, f"a TorchScript archive that is not an OpenAI CLIP ({exc})", TEXT_FORMATS) from None
+        except (KeyError, ValueError, IndexError) as exc:
+            found = f"a TorchScript archive that is not an OpenAI CLIP ({summarize(exc)})"
+            raise checkpoint_error(path, found, TEXT_FORMATS) from None
     elif kind.kind in ("torch-zip", "torch-legacy", "safetensors"):
         state = clip.read_open_clip_state(path, kind, TEXT_FORMATS)
         config = model if isinstance(model, TextConfig) else clip.named_config(model or "ViT-B-32")

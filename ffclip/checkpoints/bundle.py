@@ -103,27 +103,26 @@ def save_module(path: str | os.PathLike, module: torch.nn.Module, extra: dict[st
 
 
 def module_from_bundle(bundle: Bundle) -> torch.nn.Module:
-    """Rebuild the stage a bundle holds, in eval mode, loading its tensors strictly."""
+    """Rebuild the stage a bundle holds, in eval mode, after checking its config against its tensors."""
     from ..config import GeneratorConfig, MapperConfig, TextConfig, from_dict
     from ..models import Generator, Mapper, TextEncoder
-    from ..models.text_encoder import build_clip
-    from .detect import load_strict
+    from .clip import clip_module
+    from .detect import build_checked
 
     found = f"an ffclip {bundle.kind} bundle"
     accepted = "an ffclip bundle holds the config and tensors that save_module wrote"
+    kinds = {"generator": (GeneratorConfig, Generator), "mapper": (MapperConfig, Mapper), "text_encoder": (TextConfig, None)}
+    config_class, module_class = kinds[bundle.kind]
     try:
-        if bundle.kind == "generator":
-            module = Generator(from_dict(GeneratorConfig, bundle.config))
-        elif bundle.kind == "mapper":
-            module = Mapper(from_dict(MapperConfig, bundle.config))
-        else:
-            config = from_dict(TextConfig, bundle.config)
-            module = TextEncoder(build_clip(config), config)
-            if not bundle.extra.get("vision", True):
-                module.drop_vision()
+        config = from_dict(config_class, bundle.config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{bundle.path}: {found} with an unusable config ({exc})") from None
-    return load_strict(module, bundle.state_dict, bundle.path, found, accepted)
+    if module_class is not None:
+        return build_checked(config, module_class, bundle.state_dict, bundle.path, found, accepted)
+    vision = bool(bundle.extra.get("vision", True))
+    state = {k.removeprefix("clip."): v for k, v in bundle.state_dict.items()}
+    clip = build_checked(config, lambda c: clip_module(c, vision), state, bundle.path, found, accepted)
+    return TextEncoder(clip, config).eval().requires_grad_(False)
 
 
 def load_module(path: str | os.PathLike, expect_kind: str | None = None) -> torch.nn.Module:

@@ -1,17 +1,15 @@
 """CLIP text towers from open_clip checkpoints and from OpenAI's TorchScript archives (`ViT-B-32.pt`).
 
 The TorchScript archive is read as data: its `data.pkl` goes through `RestrictedUnpickler` (module classes become
-`ModuleRecord`s, tensor bytes come from the archive's `data/` entries) and the code in it is never compiled or run.
+`ModuleRecord`s, tensor bytes come from the archive's `data/` entries, sizes checked) and the code in it is never
+compiled or run.
 The architecture is inferred from tensor shapes as OpenAI's own loader does (heads = width / 64, QuickGELU).
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import re
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,8 +21,8 @@ from ..config import TextConfig
 from ..errors import summarize
 from ..models import TextEncoder
 from ..models.text_encoder import build_clip
-from .detect import FileKind, checkpoint_error, describe, load_strict, read_torch_file
-from .safe_pickle import ModuleRecord, RestrictedUnpickler
+from .detect import FileKind, build_checked, checkpoint_error, describe, read_torch_file
+from .safe_pickle import ModuleRecord, load_torch_file
 
 # Tensors OpenAI's models keep beside their weights: the causal mask and sizes stored as attributes.
 _NON_WEIGHTS = ("attn_mask", "input_resolution", "context_length", "vocab_size")
@@ -52,18 +50,7 @@ def read_open_clip_state(path: str | os.PathLike, kind: FileKind, accepted: str)
 def read_torchscript_state(path: str | os.PathLike, accepted: str) -> dict[str, torch.Tensor]:
     """Every tensor attribute of a TorchScript archive, by dotted path, read without loading the archive's code."""
     try:
-        with zipfile.ZipFile(path) as z:
-            data_pkl = next(n for n in z.namelist() if re.fullmatch(r"[^/]+/data\.pkl", n))
-            root = data_pkl.split("/")[0]
-            storages: dict[str, torch.Tensor] = {}
-
-            def storage(pid: Any) -> torch.Tensor:
-                _, dtype, key, _, _ = pid  # ('storage', dtype, key, location, numel)
-                if key not in storages:
-                    storages[key] = torch.frombuffer(bytearray(z.read(f"{root}/data/{key}")), dtype=dtype)
-                return storages[key]
-
-            obj = RestrictedUnpickler(io.BytesIO(z.read(data_pkl)), module_prefixes=("__torch__.",), storage=storage).load()
+        obj = load_torch_file(path, module_prefixes=("__torch__.",))
     except Exception as exc:  # a damaged archive or a refused global
         raise checkpoint_error(path, f"a TorchScript archive that cannot be read safely ({summarize(exc)})", accepted) from None
     if not isinstance(obj, ModuleRecord):
@@ -110,6 +97,14 @@ def named_config(model: str) -> TextConfig:
     return TextConfig(model=model, embed_dim=int(cfg.get("embed_dim", TextConfig.embed_dim)))
 
 
+def clip_module(config: TextConfig, vision: bool) -> torch.nn.Module:
+    """A fresh open_clip model of `config`, without its image tower unless `vision` (as `TextEncoder.clip` holds it)."""
+    clip = build_clip(config)
+    if not vision:
+        clip.visual = None
+    return clip
+
+
 def text_encoder_from_state(
     state: Mapping[str, torch.Tensor],
     config: TextConfig,
@@ -119,13 +114,10 @@ def text_encoder_from_state(
     accepted: str,
 ) -> TextEncoder:
     """A text encoder holding `state` (float32), strictly loaded; the image tower is dropped unless `vision`."""
-    encoder = TextEncoder(build_clip(config), config)
-    if not vision:
-        encoder.drop_vision()
     kept = {
-        k: v.float()
+        k: v.float() if isinstance(v, torch.Tensor) else v
         for k, v in state.items()
         if k.rsplit(".", 1)[-1] not in _NON_WEIGHTS and (vision or not k.startswith("visual."))
     }
-    load_strict(encoder.clip, kept, path, found, accepted)
-    return encoder.eval().requires_grad_(False)
+    clip = build_checked(config, lambda c: clip_module(c, vision), kept, path, found, accepted)
+    return TextEncoder(clip, config).eval().requires_grad_(False)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, summarize
+from ..errors import CheckpointError, FfclipError, summarize
 from . import bundle
-from .safe_pickle import torch_load
+from .limits import check_config
+from .safe_pickle import load_torch_file
 
 
 @dataclass(frozen=True)
@@ -42,16 +43,17 @@ def sniff(path: str | os.PathLike, accepted: str) -> FileKind:
         raise checkpoint_error(path, "an empty file", accepted)
     if head.startswith(b"PK\x03\x04"):
         return _sniff_zip(p, accepted)
-    if head[:1] == b"\x80":
-        if head[2:14] == _LEGACY_TORCH_MAGIC:
-            return FileKind("torch-legacy", "a legacy torch.save file")
-        return FileKind("pickle", "a pickle")
+    # Before the pickle test: a safetensors header whose length is 128 modulo 256 also starts with 0x80.
     if _is_safetensors_header(head):
         if 8 + struct.unpack("<Q", head[:8])[0] > p.stat().st_size:
             raise checkpoint_error(path, "a truncated safetensors file", accepted)
         if bundle.is_bundle(p):
             return FileKind("bundle", "an ffclip bundle")
         return FileKind("safetensors", "a safetensors file without ffclip bundle metadata")
+    if head[:1] == b"\x80":
+        if head[2:14] == _LEGACY_TORCH_MAGIC:
+            return FileKind("torch-legacy", "a legacy torch.save file")
+        return FileKind("pickle", "a pickle")
     raise checkpoint_error(path, _describe_bytes(head, p.stat().st_size), accepted)
 
 
@@ -94,28 +96,50 @@ def checkpoint_error(path: str | os.PathLike, found: str, accepted: str) -> Chec
     return CheckpointError(f"{path}: found {found}; {accepted}")
 
 
-
 def read_torch_file(path: str | os.PathLike, kind: FileKind, accepted: str) -> Any:
-    """The object in a `torch.save` file (zip or legacy), read with `weights_only=True`; failures name the file."""
+    """The object in a `torch.save` file (zip or legacy), read by the restricted unpickler; failures name the file."""
     try:
-        return torch_load(path)
-    except Exception as exc:  # torch.load raises many types for damaged or refused files
+        return load_torch_file(path)
+    except Exception as exc:  # a damaged or refused file can raise almost anything
         raise checkpoint_error(path, f"{kind.description} that cannot be read safely ({summarize(exc)})", accepted) from None
 
 
-def load_strict(
-    module: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike, found: str, accepted: str
+def _shape(value: Any) -> str:
+    return str(list(value.shape)) if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+
+
+def build_checked(
+    config: Any,
+    make: Callable[[Any], torch.nn.Module],
+    state: Mapping[str, Any],
+    path: str | os.PathLike,
+    found: str,
+    accepted: str,
 ) -> torch.nn.Module:
-    """Load `state` into `module` strictly; mismatches become a `CheckpointError` naming the file. Eval, frozen."""
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    """`make(config)` loaded strictly with `state`, in eval mode and frozen. Before anything is allocated the config
+    must be within `limits`, and the names and shapes in `state` must be those of the module (built on the meta
+    device to learn them); non-finite weights are refused. Every refusal is a `CheckpointError` naming the file."""
+    try:
+        check_config(config)
+        with torch.device("meta"):
+            expected = make(config).state_dict()
+    except (TypeError, ValueError, RuntimeError, FfclipError) as exc:
+        raise checkpoint_error(path, f"{found} with an unusable config ({exc})", accepted) from None
+    missing, unexpected = [k for k in expected if k not in state], sorted(set(state) - set(expected))
     if missing or unexpected:
         raise checkpoint_error(
             path, f"{found} whose tensors do not match: missing {missing[:4]}, unexpected {unexpected[:4]}", accepted
         )
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
-        raise checkpoint_error(path, f"{found} with mismatched shapes ({'; '.join(lines[:2])})", accepted) from None
+    wrong = [
+        f"{k} is {_shape(state[k])} where {list(v.shape)} is needed"
+        for k, v in expected.items()
+        if not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape
+    ]
+    if wrong:
+        raise checkpoint_error(path, f"{found} whose tensors do not match the config: {'; '.join(wrong[:2])}", accepted)
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise checkpoint_error(path, f"{found} with non-finite weights (NaN or infinity) in {key}", accepted)
+    module = make(config)
+    module.load_state_dict(state, strict=True)
     return module.eval().requires_grad_(False)

@@ -103,8 +103,8 @@ def generator_from_pickle(obj: Mapping, path: str | os.PathLike, accepted: str) 
 
     try:
         config = _infer_config(tensors, g_ema)
-    except (KeyError, ValueError) as exc:
-        raise checkpoint_error(path, f"an NVIDIA generator whose shape cannot be read ({exc})", accepted) from None
+    except (KeyError, ValueError, IndexError) as exc:
+        raise checkpoint_error(path, f"an NVIDIA generator whose shape cannot be read ({summarize(exc)})", accepted) from None
     w_avg = state.pop("w_avg", None)
     return build_generator(config, state, w_avg, path, found, accepted)
 

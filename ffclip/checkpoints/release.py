@@ -16,7 +16,7 @@ import torch
 
 from ..config import MapperConfig
 from ..models import Generator, Mapper
-from .detect import checkpoint_error, load_strict
+from .detect import build_checked, checkpoint_error
 from .rosinality import build_generator, convert_state_dict
 
 MAPPER_PREFIX = "att_mapper.att_mapper."
@@ -43,14 +43,16 @@ def mapper_from_release(obj: Mapping, path: str | os.PathLike, accepted: str) ->
         if m and not m[2].startswith("fc."):
             state[f"blocks.{m[1]}.{m[2]}"] = value
     found = "an FFCLIP release mapper"
-    try:
-        num_ws = int(state["blocks.0.attention_layer.k_matrix.weight"].shape[0])
-        dim = int(state["blocks.0.q_matrix.weight"].shape[0])
-    except KeyError as exc:
-        raise checkpoint_error(path, f"{found} without {exc}", accepted) from None
-    num_blocks = len({k.split(".")[1] for k in state})
-    mapper = Mapper(MapperConfig(num_ws=num_ws, dim=dim, num_blocks=num_blocks))
-    return load_strict(mapper, state, path, found, accepted)
+    sizes = []
+    for key in ("blocks.0.attention_layer.k_matrix.weight", "blocks.0.q_matrix.weight"):
+        value = state.get(key)
+        if not isinstance(value, torch.Tensor):
+            raise checkpoint_error(path, f"{found} without the tensor {key}", accepted)
+        if value.dim() != 2:
+            raise checkpoint_error(path, f"{found} whose {key} has shape {list(value.shape)}, not 2-D", accepted)
+        sizes.append(int(value.shape[0]))
+    config = MapperConfig(num_ws=sizes[0], dim=sizes[1], num_blocks=len({k.split(".")[1] for k in state}))
+    return build_checked(config, Mapper, state, path, found, accepted)
 
 
 def generator_from_release(obj: Mapping, path: str | os.PathLike, accepted: str) -> Generator:

@@ -15,9 +15,10 @@ from collections.abc import Mapping
 import torch
 
 from ..config import GeneratorConfig
+from ..errors import summarize
 from ..models import Generator
 from ..models import ops
-from .detect import checkpoint_error, load_strict
+from .detect import build_checked, checkpoint_error
 
 
 def is_rosinality(obj: object) -> bool:
@@ -63,16 +64,23 @@ def convert_state_dict(
     """The configuration and our state dict for a rosinality `g_ema` (`w_avg` not included)."""
     try:
         config = _infer_config(g_ema)
-    except (KeyError, ValueError, IndexError) as exc:
+    except (KeyError, ValueError, IndexError, TypeError, AttributeError) as exc:
         raise checkpoint_error(path, f"a rosinality generator state dict that is incomplete ({exc})", accepted) from None
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in g_ema.items():
+        if not isinstance(value, torch.Tensor):
+            raise checkpoint_error(path, f"a rosinality generator whose {key} is a {type(value).__name__}", accepted)
         if key.endswith(_FILTER_BUFFERS):
             # Blur and skip-upsample kernels are stored already multiplied by the upsampling factor squared.
             check_filter(value, 4.0, path, key, accepted)
             continue
-        entry = _convert_key(key, value)
+        try:
+            entry = _convert_key(key, value)
+        except (IndexError, RuntimeError) as exc:
+            raise checkpoint_error(
+                path, f"a rosinality generator whose {key} has the wrong shape {list(value.shape)} ({summarize(exc)})", accepted
+            ) from None
         if entry is None:
             unknown.append(key)
         else:
@@ -130,14 +138,12 @@ def build_generator(
 ) -> Generator:
     """A generator from converted tensors; without `w_avg` it is estimated from the mapping network, with a warning."""
     estimate = w_avg is None
-    if not estimate:
-        if w_avg.numel() != config.style_dim:
-            raise checkpoint_error(path, f"{found} whose average latent has shape {list(w_avg.shape)}", accepted)
-        state = {**state, "w_avg": w_avg.reshape(config.style_dim)}
-    generator = Generator(config)
     if estimate:
-        state = {**state, "w_avg": generator.w_avg}
-    load_strict(generator, state, path, found, accepted)
+        w_avg = torch.zeros(()).expand(config.style_dim)  # a placeholder, replaced below; allocates nothing
+    elif w_avg.numel() != config.style_dim:
+        raise checkpoint_error(path, f"{found} whose average latent has shape {list(w_avg.shape)}", accepted)
+    state = {**state, "w_avg": w_avg.reshape(config.style_dim)}
+    generator = build_checked(config, Generator, state, path, found, accepted)
     if estimate:
         warnings.warn(f"{path}: no average latent stored; w_avg was estimated from the mapping network", stacklevel=3)
         generator.estimate_w_avg()

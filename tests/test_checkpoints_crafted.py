@@ -1,0 +1,284 @@
+"""Crafted checkpoint files (tiny, seeded): legacy torch.save files load through the restricted unpickler, and every
+hostile or damaged file is answered with one `CheckpointError` line before anything it declares is allocated."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import os
+import pickle
+import struct
+import zipfile
+
+import pytest
+import torch
+
+from ffclip.checkpoints import load_generator, load_mapper, save_module
+from ffclip.checkpoints.bundle import save_bundle
+from ffclip.config import MapperConfig
+from ffclip.errors import CheckpointError
+from ffclip.factory import build_mapper
+from reference_models import make_reference_generator, release_mapper_weights, rosinality_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> dict:
+    ref = make_reference_generator(seed=3)
+    return rosinality_checkpoint(ref, torch.randn(32, generator=torch.Generator().manual_seed(3)))
+
+
+def _refused(loader, path, *phrases: str) -> str:
+    with pytest.raises(CheckpointError) as info:
+        loader(path)
+    message = str(info.value)
+    assert path.name in message and "\n" not in message, message
+    for phrase in phrases:
+        assert phrase in message, message
+    return message
+
+
+def _with_g_ema(checkpoint: dict, **changes: torch.Tensor) -> dict:
+    return {**checkpoint, "g_ema": {**checkpoint["g_ema"], **changes}}
+
+
+# Legacy (pre-zip) torch.save files.
+
+
+def test_legacy_file_loads_like_the_zip_format(tmp_path, checkpoint):
+    legacy, zipped = tmp_path / "legacy.pt", tmp_path / "zipped.pt"
+    opts = {**checkpoint, "args": argparse.Namespace(size=32)}
+    torch.save(opts, legacy, _use_new_zipfile_serialization=False)
+    torch.save(opts, zipped)
+    a, b = load_generator(legacy).state_dict(), load_generator(zipped).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def test_legacy_file_naming_a_function_runs_nothing(tmp_path, checkpoint):
+    marker = tmp_path / "ran"
+    path = tmp_path / "legacy.pt"
+    torch.save({**checkpoint, "extra": _Payload(str(marker))}, path, _use_new_zipfile_serialization=False)
+    _refused(load_generator, path, "os.makedirs is not allowed")
+    assert not marker.exists()
+
+
+class _Storage:
+    """A storage reference that `_legacy_file` pickles by persistent id."""
+
+    def __init__(self, numel: int):
+        self.numel = numel
+
+
+class _Tensor:
+    def __init__(self, storage: _Storage, size: tuple[int, ...]):
+        self.storage, self.size = storage, size
+
+    def __reduce__(self):
+        stride = tuple(int(torch.tensor(self.size[i + 1:]).prod()) for i in range(len(self.size)))
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.size, stride, False, collections.OrderedDict())
+
+
+def _legacy_file(obj: object, storage: _Storage, payload: bytes) -> bytes:
+    """The legacy layout by hand: magic, protocol, system info, the object, its storage keys, then each storage."""
+
+    class Writer(pickle.Pickler):
+        def persistent_id(self, value):
+            if isinstance(value, _Storage):
+                return ("storage", torch.FloatStorage, "0", "cpu", value.numel, None)
+            return None
+
+    out = io.BytesIO()
+    for head in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
+        pickle.dump(head, out, protocol=2)
+    Writer(out, protocol=2).dump(obj)
+    pickle.dump(["0"], out, protocol=2)
+    out.write(struct.pack("<q", storage.numel) + payload)
+    return out.getvalue()
+
+
+def test_legacy_storage_larger_than_the_file(tmp_path):
+    storage = _Storage(numel=8 * 2**30)  # 32 GiB of float32 declared, 16 bytes present
+    path = tmp_path / "legacy_bomb.pt"
+    path.write_bytes(_legacy_file({"g_ema": {"input.input": _Tensor(storage, (4,))}}, storage, b"\0" * 16))
+    _refused(load_generator, path, "more than the file holds")
+
+
+def test_legacy_storage_written_in_full_reads_back(tmp_path):
+    storage = _Storage(numel=4)
+    values = torch.arange(4, dtype=torch.float32)
+    path = tmp_path / "legacy_hand.pt"
+    path.write_bytes(_legacy_file({"g_ema": {"input.input": _Tensor(storage, (2, 2))}}, storage, values.numpy().tobytes()))
+    # It reads back (its tensors then fail the generator layout, which the message names).
+    _refused(load_generator, path, "rosinality generator state dict that is incomplete")
+
+
+# Configurations are checked against bounds and against the tensors present, before anything is allocated.
+
+
+@pytest.mark.parametrize(
+    ("config", "phrase"),
+    [
+        ({"num_ws": 18, "dim": 2**22, "num_blocks": 4}, "dim"),
+        ({"num_ws": -1, "dim": 8, "num_blocks": 1}, "num_ws"),
+        ({"num_ws": 4, "dim": 8, "num_blocks": 10**9}, "num_blocks"),
+        ({"num_ws": 4, "dim": "8", "num_blocks": 1}, "dim"),
+    ],
+)
+def test_bundle_config_out_of_bounds(tmp_path, config, phrase):
+    path = tmp_path / "mapper.safetensors"
+    save_bundle(path, "mapper", config, {})
+    assert path.stat().st_size < 400
+    _refused(load_mapper, path, "unusable config", phrase)
+
+
+def test_bundle_config_larger_than_its_tensors(tmp_path, monkeypatch):
+    small = build_mapper(MapperConfig(num_ws=4, dim=8, num_blocks=1))
+    path = tmp_path / "mapper.safetensors"
+    save_bundle(path, "mapper", {"num_ws": 4, "dim": 8192, "num_blocks": 1}, small.state_dict())
+    allocated = []
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", lambda self: allocated.append(self.weight.device.type))
+    _refused(load_mapper, path, "do not match", "[8192, 8192]")
+    assert set(allocated) <= {"meta"}
+
+
+def test_zero_sized_tensor_claiming_a_huge_width(tmp_path, checkpoint):
+    path = tmp_path / "g.pt"
+    torch.save(_with_g_ema(checkpoint, **{"input.input": torch.zeros(1, 2**31, 0, 4)}), path)
+    _refused(load_generator, path, "unusable config")
+
+
+def test_zero_sized_tensor_within_bounds_is_not_allocated(tmp_path, checkpoint, monkeypatch):
+    path = tmp_path / "g.pt"
+    torch.save(_with_g_ema(checkpoint, **{"input.input": torch.zeros(1, 8192, 0, 4)}), path)
+    allocated = []
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", lambda self: allocated.append(self.weight.device.type))
+    _refused(load_generator, path, "do not match", "synthesis_network.const")
+    assert set(allocated) <= {"meta"}
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("conv1.conv.weight", torch.zeros(())),
+        ("conv1.noise.weight", torch.zeros(3)),
+        ("input.input", torch.zeros(24)),
+        ("style.1.weight", torch.zeros(32)),
+        ("to_rgb1.bias", torch.zeros(())),
+    ],
+)
+def test_rosinality_wrong_rank(tmp_path, checkpoint, key, value):
+    path = tmp_path / "g.pt"
+    torch.save(_with_g_ema(checkpoint, **{key: value}), path)
+    _refused(load_generator, path, "rosinality")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("attention_layer.k_matrix.weight", torch.zeros(())),
+        ("q_matrix.weight", torch.zeros(8)),
+        ("gamma_.1.weight", torch.zeros(8, 8)),
+    ],
+)
+def test_release_wrong_rank(tmp_path, key, value):
+    blocks = release_mapper_weights(4, 8, num_blocks=1, seed=1)
+    blocks[0][key] = value
+    state = {f"module.att_mapper.att_mapper.0.{k}": v for k, v in blocks[0].items()}
+    path = tmp_path / "release.pt"
+    torch.save({"state_dict": state, "opts": {}}, path)
+    _refused(load_mapper, path, "FFCLIP release mapper")
+
+
+# Non-finite weights are refused at load.
+
+
+def test_nan_generator_bundle(tmp_path):
+    from ffclip.config import GeneratorConfig
+    from ffclip.factory import build_generator
+
+    generator = build_generator(GeneratorConfig(resolution=8, style_dim=16, n_mlp=1, channels={"4": 8, "8": 8}))
+    generator.synthesis_network.blocks[1].conv0.weight.data[0, 0, 0, 0] = float("nan")
+    path = tmp_path / "generator.safetensors"
+    save_module(path, generator)
+    _refused(load_generator, path, "non-finite", "synthesis_network.blocks.1.conv0.weight")
+
+
+def test_infinite_rosinality_weight(tmp_path, checkpoint):
+    weight = checkpoint["g_ema"]["style.2.weight"].clone()
+    weight[1, 1] = float("-inf")
+    path = tmp_path / "g.pt"
+    torch.save(_with_g_ema(checkpoint, **{"style.2.weight": weight}), path)
+    _refused(load_generator, path, "non-finite", "mapping_network.layers.1.weight")
+
+
+def test_nan_mapper_bundle(tmp_path):
+    mapper = build_mapper(MapperConfig(num_ws=4, dim=8, num_blocks=1))
+    mapper.blocks[0].beta_[3].bias.data[2] = float("nan")
+    path = tmp_path / "mapper.safetensors"
+    save_module(path, mapper)
+    _refused(load_mapper, path, "non-finite", "blocks.0.beta_.3.bias")
+
+
+# Decompression is bounded by what the declared tensors need.
+
+
+def _rezip(source, target, replace: dict[str, int]) -> None:
+    """Copy a zip archive, writing the entries named in `replace` deflated, with that many zero bytes appended."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename in replace:
+                dst.writestr(zipfile.ZipInfo(info.filename), data + bytes(replace[info.filename]), zipfile.ZIP_DEFLATED)
+            else:
+                dst.writestr(info, data)
+
+
+def _data_entries(path) -> list[zipfile.ZipInfo]:
+    with zipfile.ZipFile(path) as z:
+        return [i for i in z.infolist() if "/data/" in i.filename]
+
+
+def test_deflate_bomb_is_refused_before_the_big_entry_is_read(tmp_path, checkpoint, monkeypatch):
+    plain = tmp_path / "plain.pt"
+    torch.save(checkpoint, plain)
+    target = _data_entries(plain)[-1].filename
+    bomb = tmp_path / "bomb.pt"
+    _rezip(plain, bomb, {target: 12 * 2**20})  # 12 MiB of zeros behind a small tensor
+    assert bomb.stat().st_size < plain.stat().st_size + 2**17
+    opened = []
+    real_open = zipfile.ZipFile.open
+
+    def spy(self, name, *args, **kwargs):
+        opened.append(name if isinstance(name, str) else name.filename)
+        return real_open(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+    _refused(load_generator, bomb, "more than its tensor needs")
+    assert target not in opened
+
+
+def test_deflated_entries_of_the_right_size_still_load(tmp_path, checkpoint):
+    plain = tmp_path / "plain.pt"
+    torch.save(checkpoint, plain)
+    deflated = tmp_path / "deflated.pt"
+    _rezip(plain, deflated, {i.filename: 0 for i in _data_entries(plain)})
+    a, b = load_generator(plain).state_dict(), load_generator(deflated).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pickle_entry_inflating_past_the_limit(tmp_path, checkpoint):
+    plain = tmp_path / "plain.pt"
+    torch.save(checkpoint, plain)
+    with zipfile.ZipFile(plain) as z:
+        data_pkl = next(n for n in z.namelist() if n.endswith("/data.pkl"))
+    bomb = tmp_path / "pkl_bomb.pt"
+    _rezip(plain, bomb, {data_pkl: 17 * 2**20})
+    _refused(load_generator, bomb, "inflates to")
