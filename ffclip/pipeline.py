@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .devices import resolve_device
@@ -9,6 +11,7 @@ from .errors import InputError
 from .imaging import to_uint8
 from .latents import check_latents, sample_latents
 from .models import Generator, Mapper, TextEncoder
+from .strength import apply_strength, check_strength
 
 
 def check_stages_fit(text_encoder: TextEncoder, mapper: Mapper, generator: Generator) -> None:
@@ -64,12 +67,15 @@ class EditPipeline:
         w = check_latents(latents, self.num_ws).to(self.device)
         return self.generator.synthesis(w).float().cpu()
 
-    def edit(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """uint8 images `[B, R, R, 3]`: one prompt applied to every latent, or one prompt per latent."""
+    def edit(self, latents: torch.Tensor, prompts: list[str],
+             strength: float | Sequence[float] | torch.Tensor = 1.0) -> torch.Tensor:
+        """uint8 images `[B, R, R, 3]`: one prompt applied to every latent, or one prompt per latent; `strength` (one,
+        or one per latent) scales the edit (`ffclip.strength`)."""
         w = check_latents(latents, self.num_ws)
+        check_strength(strength, w.shape[0])
         e = self.encode_text(prompts)
         if e.shape[0] == 1:
             e = e.expand(w.shape[0], -1)
         elif e.shape[0] != w.shape[0]:
             raise InputError(f"{len(prompts)} prompts for {w.shape[0]} latents; give one prompt, or one per latent")
-        return to_uint8(self.synthesize(self.modulate(w, e)))
+        return to_uint8(self.synthesize(apply_strength(w, self.modulate(w, e), strength)))

@@ -25,6 +25,7 @@ from .export.stages import STAGES
 from .imaging import to_uint8
 from .latents import check_latents, sample_latents
 from .models.text_encoder import tokenize
+from .strength import apply_strength, check_strength
 
 AUTO_ORDER = ("tensorrt", "onnxruntime", "torchscript", "eager")
 
@@ -133,14 +134,16 @@ class Runtime:
         w = check_latents(latents, self.num_ws, self.embed_dim).to(self._device)
         return self._run("generator", {"w": w})["image"]
 
-    def edit(self, latents: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
+    def edit(self, latents: torch.Tensor, prompts: str | Sequence[str],
+             strength: float | Sequence[float] | torch.Tensor = 1.0) -> torch.Tensor:
         """Edited images uint8 `[B, R, R, 3]` (CPU). `prompts` is one prompt applied to every latent, or a list of
-        exactly one prompt per latent."""
+        exactly one prompt per latent; `strength` (one, or one per latent) scales the edit (`ffclip.strength`)."""
         w = check_latents(latents, self.num_ws, self.embed_dim).to(self._device)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(prompts) not in (1, w.shape[0]):
             raise InputError(f"{len(prompts)} prompts for {w.shape[0]} latents; give one prompt, or one per latent")
-        return to_uint8(self.synthesize(self.modulate(w, self.encode_text(prompts))))
+        check_strength(strength, w.shape[0])
+        return to_uint8(self.synthesize(apply_strength(w, self.modulate(w, self.encode_text(prompts)), strength)))
 
     def _check(self, x: torch.Tensor, what: str, tail: tuple[int, ...]) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

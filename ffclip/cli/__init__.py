@@ -20,6 +20,7 @@ COMMANDS = {
     "export": "ffclip.cli.export:export",
     "bench": "ffclip.benchmarks.cli:bench",
     "train": "ffclip.cli.train:train",
+    "serve": "ffclip.serve.cli:serve",
 }
 
 HELP = {
@@ -27,6 +28,7 @@ HELP = {
     "export": "Export the three stages to ONNX, TorchScript and TensorRT.",
     "bench": "Compare backends on every stage.",
     "train": "Train a mapper.",
+    "serve": "Serve edits over HTTP on Ray Serve, with a web editor.",
 }
 
 

@@ -28,6 +28,13 @@ def _say(message: str) -> None:
 @click.option("--num", type=click.IntRange(1, 64), default=4, show_default=True, help="How many latents to sample.")
 @click.option("--truncation", type=click.FloatRange(0, 1), default=0.7, show_default=True, help="Truncation psi.")
 @click.option(
+    "--strength",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="How far to edit: w + strength * (edit - w); 0 keeps the original, above 1 exaggerates.",
+)
+@click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     default=Path("artifacts/edit.png"),
@@ -55,6 +62,7 @@ def edit(
     seed: int,
     num: int,
     truncation: float,
+    strength: float,
     out: Path,
     device: str,
     artifacts: Path | None,
@@ -64,9 +72,11 @@ def edit(
     from ..devices import resolve_device
     from ..imaging import save_grid, to_uint8
     from ..latents import load_latents, save_latents
+    from ..strength import apply_strength, check_strength
 
     if out.suffix.lower() != ".png":
         raise InputError(f"--out {out}: the grid is a PNG; give a file name ending in .png")
+    check_strength(strength, 1)
     stages = _open_stages(sources, resolve_device(device), artifacts, backend)
     w = load_latents(latents, stages.num_ws) if latents else stages.sample_latents(num, seed, truncation)
     embeddings = stages.encode_text(list(prompts))
@@ -76,7 +86,7 @@ def edit(
     edited = []
     for i, prompt in enumerate(prompts):
         _say(f"editing [{i + 1}/{len(prompts)}] {prompt!r}")
-        w_edit = stages.modulate(w, embeddings[i : i + 1].expand(w.shape[0], -1))
+        w_edit = apply_strength(w, stages.modulate(w, embeddings[i : i + 1].expand(w.shape[0], -1)), strength)
         edited.append(w_edit)
         columns.append(to_uint8(stages.synthesize(w_edit)))
 

@@ -1,0 +1,106 @@
+"""One replica's work: open the stages once, then turn batches of `EditRequest`s into PNG pictures."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..cli.options import StageSources
+from ..devices import resolve_device
+from ..imaging import to_uint8
+from ..strength import apply_strength
+from .requests import EditRequest
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What one service serves and how: an artifact folder, or else `sources` (checkpoints or the embedded default),
+    and the limits of each replica."""
+
+    sources: StageSources | None = None
+    artifacts: Path | None = None
+    backend: str = "auto"
+    device: str = "cpu"
+    replicas: int = 1
+    max_batch: int = 8
+    batch_wait_s: float = 0.005
+    queue: int = 32
+    num_cpus: float = 1.0
+    threads: int = 1
+    cache_size: int = 1024
+    retry_after_s: int = 1
+
+
+class Editor:
+    """The stages of one replica, an embedding cache shared by all its requests, and the batch edit."""
+
+    def __init__(self, config: ServeConfig):
+        torch.set_num_threads(config.threads)
+        device = resolve_device(config.device)
+        if config.artifacts is None:
+            from ..pipeline import EditPipeline
+
+            self.stages = EditPipeline(*config.sources.load(device), device=device)
+            self.source = f"checkpoints ({config.sources.preset} preset for any stage not given)"
+            self.backend = "eager"
+        else:
+            from ..runtime import Runtime
+
+            self.stages = Runtime.load(config.artifacts, backend=config.backend, device=device)
+            self.source = str(config.artifacts)
+            self.backend = self.stages.backend
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_size = config.cache_size
+        self._lock = threading.Lock()
+
+    def info(self) -> dict:
+        """What is served: source, backend, resolution and number of style layers."""
+        return {"source": self.source, "backend": self.backend, "resolution": self.stages.resolution,
+                "num_ws": self.stages.num_ws}
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP embeddings `[P, 512]` on the CPU, computed once per prompt string while it stays in the cache."""
+        with self._lock:
+            found = {p: self._cache[p] for p in prompts if p in self._cache}
+            for p in found:
+                self._cache.move_to_end(p)
+        missing = list(dict.fromkeys(p for p in prompts if p not in found))
+        if missing:
+            fresh = self.stages.encode_text(missing).float().cpu()
+            found.update(zip(missing, fresh))
+            with self._lock:
+                self._cache.update(zip(missing, fresh))
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return torch.stack([found[p] for p in prompts])
+
+    def latents(self, requests: list[EditRequest]) -> torch.Tensor:
+        """`w+ [B, L, 512]`: each request's own latents, or its seed through the mapping network."""
+        return torch.stack([
+            r.latents if r.latents is not None else self.stages.sample_latents(1, r.seed, r.truncation)[0]
+            for r in requests
+        ])
+
+    def edit(self, requests: list[EditRequest]) -> list[bytes]:
+        """One PNG per request, the whole batch through each stage at once."""
+        w = self.latents(requests)
+        e = self.encode([r.prompt for r in requests])
+        strength = torch.tensor([r.strength for r in requests])
+        with torch.no_grad():
+            w_edit = apply_strength(w, self.stages.modulate(w, e), strength)
+            images = to_uint8(self.stages.synthesize(w_edit))
+        return [png(image) for image in images.numpy()]
+
+
+def png(image: np.ndarray) -> bytes:
+    """PNG bytes of one uint8 `[R, R, 3]` picture."""
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG", compress_level=3)
+    return out.getvalue()
