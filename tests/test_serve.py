@@ -2,6 +2,7 @@
 Retry-After, metrics count it all, and the web editor works in headless Chromium. One Ray instance serves the module."""
 
 import io
+import os
 import json
 import socket
 import sys
@@ -196,3 +197,57 @@ def test_cli_refuses_a_busy_port_in_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
     assert err.strip().splitlines()[-1].startswith("ffclip: error: cannot listen on 127.0.0.1") and "Traceback" not in err
+
+
+CHROMIUM = "/usr/bin/chromium"
+PIXELS = """(selector) => {
+    const img = document.querySelector(selector);
+    const canvas = document.createElement("canvas");
+    canvas.width = img.naturalWidth;
+    canvas.height = img.naturalHeight;
+    const context = canvas.getContext("2d");
+    context.drawImage(img, 0, 0);
+    return Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data);
+}"""
+
+
+def shown(page, selector: str) -> torch.Tensor:
+    """The RGB pixels of the picture an <img> shows, as uint8 [R, R, 3]."""
+    rgba = torch.tensor(page.evaluate(PIXELS, selector), dtype=torch.uint8)
+    side = int((rgba.numel() // 4) ** 0.5)
+    return rgba.reshape(side, side, 4)[..., :3]
+
+
+def test_web_editor_in_headless_chromium(url, pipeline):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the serve extra) is not installed")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing: `make install` could not install the Debian chromium package")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('about').textContent.startsWith('Serving')")
+            assert page.get_attribute("#edited", "src") is None
+
+            page.fill("#prompt", "a red circle")
+            page.fill("#seed", "3")
+            page.click("#edit")
+            page.wait_for_function("document.querySelectorAll('#history li').length === 1", timeout=30_000)
+            w = pipeline.sample_latents(1, 3, DEFAULT_TRUNCATION)
+            first, original = shown(page, "#edited"), shown(page, "#original")
+            assert levels(first, pipeline.edit(w, ["a red circle"])[0]) <= 1
+            assert levels(original, to_uint8(pipeline.synthesize(w))[0]) <= 1
+            assert levels(first, original) > 1
+
+            page.fill("#prompt", "a blue square")
+            page.eval_on_selector("#strength", "(s) => { s.value = '0.5'; s.dispatchEvent(new Event('input')); }")
+            page.click("#edit")
+            page.wait_for_function("document.querySelectorAll('#history li').length === 2", timeout=30_000)
+            second = shown(page, "#edited")
+            assert levels(second, pipeline.edit(w, ["a blue square"], strength=0.5)[0]) <= 1
+            assert levels(second, first) > 1
+            assert page.inner_text("#history li:first-child").startswith("a blue square")
+            assert page.inner_text("#status") == "done"
+        finally:
+            browser.close()
