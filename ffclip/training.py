@@ -19,7 +19,9 @@ import torch.nn.functional as F
 
 from .atomic import atomic_file
 from .checkpoints.bundle import save_module
-from .errors import InputError
+from .checkpoints.safe_pickle import load_torch_file
+from .config import MapperConfig, from_dict, to_dict
+from .errors import InputError, summarize
 from .models import Generator, Mapper, TextEncoder
 from .pipeline import check_stages_fit
 
@@ -34,6 +36,9 @@ DEFAULT_PROMPTS = (
     "heavy makeup", "red lipstick", "eye shadow", "pale skin", "tanned skin",
     "wearing glasses", "wearing sunglasses", "a beard", "a moustache", "a goatee",
 )
+
+
+TRAIN_STATE_FORMAT = "ffclip-train-state-2"
 
 
 @dataclass
@@ -153,15 +158,15 @@ class MapperTrainer:
         return losses
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write `mapper.safetensors` (an ffclip bundle) and `train_state.pt` (optimiser, step, losses), atomically."""
+        """Write `train_state.pt` (mapper weights, optimiser, step, losses, random streams) in one atomic write, then
+        `mapper.safetensors` (the bundle that other commands read). A save cut short at any moment leaves the previous
+        `train_state.pt` whole, so `resume` always finds one consistent step."""
         folder = Path(folder)
-        mapper_path = save_module(
-            folder / "mapper.safetensors",
-            self.mapper,
-            extra={"trained_steps": self.step, "train_config": _jsonable(asdict(self.config))},
-        )
         state = {
+            "format": TRAIN_STATE_FORMAT,
             "step": self.step,
+            "mapper_config": to_dict(self.mapper.config),
+            "mapper": self.mapper.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "history": [[h.clip, h.latent, h.embedding, h.total] for h in self.history],
             "torch_rng": self._torch_rng.get_state(),
@@ -169,29 +174,35 @@ class MapperTrainer:
         }
         with atomic_file(folder / "train_state.pt") as tmp:
             torch.save(state, tmp)
-        return mapper_path
+        return save_module(
+            folder / "mapper.safetensors",
+            self.mapper,
+            extra={"trained_steps": self.step, "train_config": _jsonable(asdict(self.config))},
+        )
 
     def resume(self, folder: str | os.PathLike) -> None:
-        """Continue from `save`'s output: mapper weights, optimiser state, step and loss history."""
-        from .checkpoints.bundle import load_bundle, module_from_bundle
-
-        folder = Path(folder)
-        bundle = load_bundle(folder / "mapper.safetensors", expect_kind="mapper")
-        loaded = module_from_bundle(bundle)
-        if loaded.config != self.mapper.config:
-            raise InputError(f"{folder}: the saved mapper has config {loaded.config}, this run uses {self.mapper.config}")
-        state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
-        if bundle.extra.get("trained_steps") != state["step"]:
-            raise InputError(
-                f"{folder}: mapper.safetensors is from step {bundle.extra.get('trained_steps')} but train_state.pt from "
-                f"step {state['step']} (an interrupted save); start again without --resume"
-            )
-        self.mapper.load_state_dict(loaded.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from the `train_state.pt` that `save` wrote: mapper weights, optimiser state, step, loss history
+        and random streams."""
+        path = Path(folder) / "train_state.pt"
+        try:
+            state = load_torch_file(path)
+            if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+                raise ValueError("it holds no ffclip training state")
+            saved = from_dict(MapperConfig, state["mapper_config"])
+        except Exception as exc:  # a damaged, foreign or refused file can raise almost anything
+            raise InputError(f"{path}: cannot resume from it ({summarize(exc)}); start again without --resume") from None
+        if saved != self.mapper.config:
+            raise InputError(f"{path}: the saved mapper has config {saved}, this run uses {self.mapper.config}")
+        try:
+            self.mapper.load_state_dict(state["mapper"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self._torch_rng.set_state(state["torch_rng"])
+            self._rng.setstate((3, tuple(state["prompt_rng"]), None))
+            history = [StepLosses(*h) for h in state["history"]]
+        except Exception as exc:  # the same: any part of the state may be damaged
+            raise InputError(f"{path}: cannot resume from it ({summarize(exc)}); start again without --resume") from None
         self.step = int(state["step"])
-        self.history = [StepLosses(*h) for h in state["history"]]
-        self._torch_rng.set_state(state["torch_rng"])
-        self._rng.setstate((3, tuple(state["prompt_rng"]), None))
+        self.history = history
 
     def fit(self, out: str | os.PathLike, on_step: Callable[[int, StepLosses], None] | None = None) -> Path:
         """Train until `config.steps`, saving every `save_every` steps and at the end; returns the mapper file."""

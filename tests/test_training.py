@@ -1,5 +1,7 @@
 """The mapper training loop on tiny models: it learns, leaves the frozen stages alone, saves and resumes."""
 
+import os
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from ffclip.checkpoints.bundle import load_module
 from ffclip.config import GeneratorConfig, MapperConfig
 from ffclip.errors import InputError
 from ffclip.factory import build_generator, build_mapper, build_text_encoder
-from ffclip.training import MapperTrainer, TrainConfig, plot_losses, step_decay
+from ffclip.training import MapperTrainer, StepLosses, TrainConfig, plot_losses, step_decay
 
 TINY_CLIP = TINY.text
 
@@ -81,14 +83,58 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     assert [h.total for h in second.history] == pytest.approx([h.total for h in straight.history], rel=1e-5)
 
 
-def test_resume_refuses_a_half_written_save(tmp_path):
-    trainer = tiny_trainer(steps=3)
-    trainer.fit(tmp_path)
-    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
-    state["step"] = 2
-    torch.save(state, tmp_path / "train_state.pt")
-    with pytest.raises(InputError, match="interrupted save"):
-        tiny_trainer(steps=3).resume(tmp_path)
+def test_a_crash_during_a_save_leaves_a_step_that_resumes(tmp_path, monkeypatch):
+    """A save killed at its first or its second file rename (inside or between its writes) leaves a folder that
+    resumes at a step it saved, with that step's mapper weights."""
+    trainer = tiny_trainer(steps=4)
+    weights = {}
+    real_replace = os.replace
+
+    def save(crash_at: int | None) -> None:
+        with torch.no_grad():  # a stand-in for a training step, which only slows the test down
+            for parameter in trainer.mapper.parameters():
+                parameter.add_(torch.randn_like(parameter))
+        trainer.step += 1
+        trainer.history.append(StepLosses(trainer.step, 0.0, 0.0, 0.0))
+        weights[trainer.step] = {k: v.clone() for k, v in trainer.mapper.state_dict().items()}
+        renames = []
+
+        def dying_replace(src, dst):
+            if len(renames) == crash_at:
+                raise KeyboardInterrupt("killed")
+            renames.append(dst)
+            real_replace(src, dst)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", dying_replace)
+            if crash_at is None:
+                trainer.save(tmp_path)
+            else:
+                with pytest.raises(KeyboardInterrupt):
+                    trainer.save(tmp_path)
+        (tmp_path / f".train_state.pt.left-by-a-kill-{trainer.step}.tmp").write_bytes(b"PK\x03\x04 half a file")
+
+    resumed = tiny_trainer(steps=4)
+    save(None)
+    for crash_at in (0, 1):
+        save(crash_at)
+        resumed.resume(tmp_path)
+        assert resumed.step in weights and len(resumed.history) == resumed.step
+        assert all(torch.equal(v, resumed.mapper.state_dict()[k]) for k, v in weights[resumed.step].items())
+        assert [h.clip for h in resumed.history] == list(range(1, resumed.step + 1))
+    resumed.save(tmp_path)
+    saved = load_module(tmp_path / "mapper.safetensors", expect_kind="mapper")
+    assert all(torch.equal(v, resumed.mapper.state_dict()[k]) for k, v in saved.state_dict().items())
+
+
+def test_resume_refuses_a_damaged_state_in_one_line(tmp_path):
+    trainer = tiny_trainer(steps=2)
+    trainer.save(tmp_path)
+    data = (tmp_path / "train_state.pt").read_bytes()
+    (tmp_path / "train_state.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError) as info:
+        trainer.resume(tmp_path)
+    assert "train_state.pt" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_training_checks_that_the_stages_fit():
