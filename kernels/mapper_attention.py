@@ -26,11 +26,40 @@ from ..models.mapper import INJECTION_SLOPE, MapperBlock, normalise_layers
 from . import _config
 
 @triton.jit
+def _expm1(x):
+    """`exp(x) - 1` as `ffclip.models.ops.expm1` computes it (Kahan's form from exp and log)."""
+    x = tl.maximum(x, -80.0)
+    u = tl.exp(x)
+    one = u == 1.0
+    return tl.where(one, x, (u - 1.0) * x / tl.log(tl.where(one, 2.0, u)))
+
+
+@triton.jit
+def _log1p(x):
+    """`log(1 + x)` as `ffclip.models.ops.log1p` computes it."""
+    u = 1.0 + x
+    one = u == 1.0
+    return tl.where(one, x, tl.log(u) * x / tl.where(one, 1.0, u - 1.0))
+
+
+@triton.jit
+def _centred_scores(k, q_rows, qbar, offs_j, mask_r, mask_j, sq_j, LOW_PRECISION_DOT: tl.constexpr):
+    """Scores `K2 (Q2 - mean_j Q2) / sqrt(D)` of a tile (`k` already carries the scale)."""
+    q = tl.load(q_rows + offs_j[None, :] * sq_j, mask=mask_r[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
+    q = tl.where(mask_j[None, :], q - qbar[:, None], 0.0)
+    if LOW_PRECISION_DOT:
+        # 16-bit inputs carry no more digits than a 16-bit product keeps; accumulation stays float32
+        return tl.dot(k.to(q_rows.dtype.element_ty), q.to(q_rows.dtype.element_ty))
+    return tl.dot(k, q, input_precision="ieee")
+
+
+@triton.jit
 def _channel_attention_kernel(
-    k2_ptr, e_ptr, q2_ptr, m_ptr, part_ptr,
-    D, R, sk_b, sk_i, sk_r, se_b, se_i, sq_b, sq_r, sq_j, sm_b, sm_d, sp_b, sp_n, sp_d,
-    scale,
-    FACTORED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    k2_ptr, e_ptr, q2_ptr, qbar_ptr, m_ptr, part_ptr,
+    D, R, sk_b, sk_i, sk_r, se_b, se_i, sq_b, sq_r, sq_j, sqb_b, sqb_r, sm_b, sm_d, sp_b, sp_n, sp_d,
+    scale, exp_safe,
+    FACTORED: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     b = tl.program_id(0)
     pid = tl.program_id(1)
@@ -47,25 +76,31 @@ def _channel_attention_kernel(
                     mask=mask_i[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
     k = k * scale
     q_rows = q2_ptr + b * sq_b + offs_r[:, None] * sq_r
+    qbar = tl.load(qbar_ptr + b * sqb_b + offs_r * sqb_r, mask=mask_r, other=0.0)
 
-    row_max = tl.full([BLOCK_I], float("-inf"), dtype=tl.float32)
+    # First sweep: sum_j expm1(r_ij - shift_i), where the shift is 0 unless exp would overflow.
+    shift = tl.zeros([BLOCK_I], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_I], dtype=tl.float32)
     for j0 in range(0, D, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < D
-        q = tl.load(q_rows + offs_j[None, :] * sq_j, mask=mask_r[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
-        scores = tl.where(mask_j[None, :], tl.dot(k, q, input_precision="ieee"), float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(scores - new_max[:, None]), axis=1)
-        row_max = new_max
+        r = _centred_scores(k, q_rows, qbar, offs_j, mask_r, mask_j, sq_j, LOW_PRECISION_DOT)
+        tile_max = tl.max(tl.where(mask_j[None, :], r, float("-inf")), axis=1)
+        new_shift = tl.maximum(shift, tile_max - exp_safe)
+        seen = j0 * 1.0
+        row_sum = tl.where(new_shift > shift, (row_sum + seen) * tl.exp(shift - new_shift) - seen, row_sum)
+        shift = new_shift
+        row_sum += tl.sum(tl.where(mask_j[None, :], _expm1(r - shift[:, None]), 0.0), axis=1)
+    log_mean_exp = shift + _log1p(row_sum / D)
 
+    # Second sweep: the row block's share of mean_L(V2) (A - 1/D) = sum_i m_i expm1(r_ij - log_mean_exp_i) / D.
     m = tl.load(m_ptr + b * sm_b + offs_i * sm_d, mask=mask_i, other=0.0).to(tl.float32)
-    row_weight = m / row_sum
+    row_weight = m / D
     for j0 in range(0, D, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < D
-        q = tl.load(q_rows + offs_j[None, :] * sq_j, mask=mask_r[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
-        probs = tl.exp(tl.dot(k, q, input_precision="ieee") - row_max[:, None]) * row_weight[:, None]
+        r = _centred_scores(k, q_rows, qbar, offs_j, mask_r, mask_j, sq_j, LOW_PRECISION_DOT)
+        probs = _expm1(r - log_mean_exp[:, None]) * row_weight[:, None]
         tl.store(part_ptr + b * sp_b + pid * sp_n + offs_j * sp_d, tl.sum(probs, axis=0), mask=mask_j)
 
 
@@ -182,15 +217,17 @@ def _attention_partials(q2: torch.Tensor, k2: torch.Tensor, v2_mean: torch.Tenso
     # Sized for the smallest row block; rows that a larger block leaves unwritten stay zero and add nothing.
     n_i = triton.cdiv(d, block_i)
     partials = torch.zeros(batch, n_i, d, dtype=torch.float32, device=q2.device)
+    qbar = q2.float().mean(dim=-1)
     _launch_attention(
         lambda meta: (batch, triton.cdiv(d, meta["BLOCK_I"])),
         config,
-        k2_ptr=k2, e_ptr=e if factored else k2, q2_ptr=q2, m_ptr=m, part_ptr=partials,
+        k2_ptr=k2, e_ptr=e if factored else k2, q2_ptr=q2, qbar_ptr=qbar, m_ptr=m, part_ptr=partials,
         D=d, R=r, sk_b=sk[0], sk_i=sk[1], sk_r=sk[2],
         se_b=e.stride(0) if factored else 0, se_i=e.stride(1) if factored else 0,
-        sq_b=q2.stride(0), sq_r=q2.stride(1), sq_j=q2.stride(2), sm_b=m.stride(0), sm_d=m.stride(1),
-        sp_b=partials.stride(0), sp_n=partials.stride(1), sp_d=partials.stride(2),
-        scale=1.0 / math.sqrt(d), FACTORED=factored, BLOCK_R=max(16, triton.next_power_of_2(r)),
+        sq_b=q2.stride(0), sq_r=q2.stride(1), sq_j=q2.stride(2), sqb_b=qbar.stride(0), sqb_r=qbar.stride(1),
+        sm_b=m.stride(0), sm_d=m.stride(1), sp_b=partials.stride(0), sp_n=partials.stride(1), sp_d=partials.stride(2),
+        scale=1.0 / math.sqrt(d), exp_safe=mapper.EXP_SAFE, FACTORED=factored,
+        LOW_PRECISION_DOT=q2.dtype in (torch.float16, torch.bfloat16), BLOCK_R=max(16, triton.next_power_of_2(r)),
     )
     return partials
 
@@ -205,10 +242,12 @@ def channel_attention(
     out: torch.Tensor | None = None,
     config: _config.Config | None = None,
 ) -> torch.Tensor:
-    """`LayerNorm(mean_L(V2) @ softmax(K2 Q2 / sqrt(D)))` as `[B, 1, D]`, without forming the attention matrix.
+    """`LayerNorm(mean_L(V2) @ softmax(K2 Q2 / sqrt(D)))` as `[B, 1, D]`, without forming the attention matrix, in
+    the centred form of `ffclip.models.mapper.channel_attention`.
 
     `q2 [B, L, D]`, `v2_mean [B, D]` or `[B, 1, D]`; `k2` is `K2 [B, D, L]`, or with `e [B, D]` (or `[B, 1, D]`) the
-    `Linear(1 -> L)` weight `[L, 1]` that makes `K2 = e^T w^T`. `layer_norm=False` returns the raw product.
+    `Linear(1 -> L)` weight `[L, 1]` that makes `K2 = e^T w^T`. `layer_norm=False` returns the centred product
+    `mean_L(V2) (A - 1/D)`.
     """
     _config.check_device(q2, k2, v2_mean)
     batch, _, d = q2.shape

@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MapperConfig
-from .ops import widen
+from .ops import expm1, log1p, widen
 
 INJECTION_SLOPE = 0.01
+# the largest argument given to exp in the channel attention (exp(64) ~ 6e27, far below float32's limit)
+EXP_SAFE = 64.0
 
 # "eager": the modules below; "triton": ffclip.kernels.mapper_block (imported on first use).
 MapperForm = Literal["eager", "triton"]
@@ -30,14 +32,29 @@ def normalise_layers(x: torch.Tensor) -> torch.Tensor:
 
 
 def layer_selection(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Step 2: `softmax_L(K q^T) * V` for `K, V [B, L, D]` and `q [B, 1, D]`."""
-    return torch.softmax(k @ q.transpose(1, 2), dim=1) * v
+    """Step 2: `softmax_L(K q^T) * V` for `K, V [B, L, D]` and `q [B, 1, D]`.
+
+    The scores are row-wise sums, which give equal layers equal scores (a matrix-vector product may sum the rows in
+    different orders): latents equal on every layer then stay equal through every block, as in exact arithmetic.
+    """
+    return torch.softmax((k * q).sum(dim=-1, keepdim=True), dim=1) * v
 
 
 def channel_attention(q2: torch.Tensor, k2: torch.Tensor, v2_mean: torch.Tensor) -> torch.Tensor:
-    """Step 3 before its LayerNorm: `mean_L(V2) softmax(K2 Q2 / sqrt(D))` for `Q2 [B, L, D]`, `K2 [B, D, L]` and
-    `mean_L(V2) [B, 1, D]`, giving `[B, 1, D]`."""
-    return v2_mean @ torch.softmax(k2 @ q2 / math.sqrt(q2.shape[-1]), dim=-1)
+    """Step 3 before its LayerNorm, centred: `mean_L(V2) (A - 1/D)` with `A = softmax(K2 Q2 / sqrt(D))`, for
+    `Q2 [B, L, D]`, `K2 [B, D, L]` and `mean_L(V2) [B, 1, D]`, giving `[B, 1, D]` in float32 at least.
+
+    Its LayerNorm equals that of the released `mean_L(V2) A`, whose mean over the output channels is exactly
+    `sum(mean_L(V2)) / D`. With scores `r` centred over the softmax axis, `D A - 1 = expm1(r - log(mean(exp(r))))`:
+    the nearly uniform attention is formed as its small departure from uniform, with nothing to cancel.
+    """
+    d = q2.shape[-1]
+    q2, k2, v2_mean = widen(q2), widen(k2), widen(v2_mean)
+    r = k2 @ (q2 - q2.mean(dim=-1, keepdim=True)) / math.sqrt(d)
+    # shifted only where exp would overflow: then the attention is far from uniform and cancellation is no concern
+    shift = (r.amax(dim=-1, keepdim=True) - EXP_SAFE).clamp(min=0)
+    log_mean_exp = shift + log1p(expm1(r - shift).mean(dim=-1, keepdim=True))
+    return (v2_mean @ expm1(r - log_mean_exp)) / d
 
 
 def _injection_mlp(dim: int) -> nn.Sequential:
@@ -56,7 +73,7 @@ class ChannelAttention(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         k2 = self.k_matrix(e.transpose(1, 2))  # [B, D, L]
         v2_mean = self.v_matrix(x).mean(dim=1, keepdim=True)
-        return F.layer_norm(channel_attention(self.q_matrix(x), k2, v2_mean), (x.shape[-1],))
+        return F.layer_norm(channel_attention(self.q_matrix(x), k2, v2_mean), (x.shape[-1],)).to(x.dtype)
 
 
 class MapperBlock(nn.Module):

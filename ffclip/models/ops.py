@@ -69,6 +69,22 @@ def widen(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def expm1(x: torch.Tensor) -> torch.Tensor:
+    """`exp(x) - 1`, accurate near 0, from exp and log alone (ONNX has no Expm1): with `u = exp(x)`, the rounding
+    of `u` cancels in `(u - 1) x / log(u)` (Kahan). Arguments below -80 give -1."""
+    x = x.clamp(min=-80.0)
+    u = torch.exp(x)
+    one = u == 1
+    return torch.where(one, x, (u - 1) * x / torch.where(one, 1.0, torch.log(u)))
+
+
+def log1p(x: torch.Tensor) -> torch.Tensor:
+    """`log(1 + x)`, accurate near 0, from log alone (ONNX has no Log1p): with `u = 1 + x`, `log(u) x / (u - 1)`."""
+    u = 1 + x
+    one = u == 1
+    return torch.where(one, x, torch.log(u) * x / torch.where(one, 1.0, u - 1))
+
+
 def demodulation(weight: torch.Tensor, styles: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Per-sample output-channel coefficients `rsqrt(styles^2 @ sum_k(W^2)^T + eps)`, shape `[B, Cout]`."""
     s, w = widen(styles), widen(weight)

@@ -1,0 +1,96 @@
+"""The mapper's stable maths: each rewrite is an identity of the released maths (checked in float64), and float32
+stays within the stated fraction of the output's largest value of a float64 evaluation."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ffclip.config import MapperConfig
+from ffclip.factory import build_mapper
+from ffclip.models import ops
+from ffclip.models.mapper import channel_attention
+from reference_models import ref_mapper
+
+RELEASED = MapperConfig()  # the released layout: 18 layers of 512, four blocks
+DRAWS = 8
+
+
+def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def released_inputs(equal_layers: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`DRAWS` latents (per-layer random, or one random vector repeated on every layer) and text embeddings."""
+    w = randn(DRAWS, 1 if equal_layers else RELEASED.num_ws, RELEASED.dim, seed=seed, dtype=torch.float32)
+    return w.expand(DRAWS, RELEASED.num_ws, RELEASED.dim).contiguous(), randn(DRAWS, RELEASED.dim, seed=seed + 1,
+                                                                             dtype=torch.float32)
+
+
+def worst_relative(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """The worst over samples of max|y - ref| / max|ref|."""
+    diff = (y.double() - ref).abs().flatten(1).amax(dim=1)
+    return (diff / ref.abs().flatten(1).amax(dim=1)).max().item()
+
+
+@pytest.fixture(scope="module")
+def released_mapper():
+    mapper = build_mapper(RELEASED, seed=0)
+    return mapper, copy.deepcopy(mapper).double()
+
+
+def test_expm1_and_log1p_keep_their_digits_near_zero():
+    x = torch.cat([torch.logspace(-12, 1.5, 400, dtype=torch.float64), -torch.logspace(-12, 2.5, 400, dtype=torch.float64)])
+    for dtype, bound in ((torch.float32, 5e-7), (torch.float64, 1e-14)):
+        xd = x.to(dtype)
+        exact = torch.expm1(xd.double())
+        assert ((ops.expm1(xd).double() - exact).abs() / exact.abs()).max() <= bound
+        y = xd[xd > -0.9]
+        exact = torch.log1p(y.double())
+        assert ((ops.log1p(y).double() - exact).abs() / exact.abs()).max() <= bound
+
+
+@pytest.mark.parametrize("score_scale", [1e-3, 1.0, 300.0], ids=["near-uniform", "moderate", "overflowing"])
+def test_centred_channel_attention_is_an_identity(score_scale):
+    """LayerNorm(m (A - 1/D)) = LayerNorm(m A), and the centred product is the released one less sum(m) / D."""
+    batch, length, dim = 3, 6, 64
+    q2 = randn(batch, length, dim, seed=1) * score_scale + 2.0  # an offset over the softmax axis, as trained weights give
+    k2, m = randn(batch, dim, length, seed=2), randn(batch, 1, dim, seed=3) + 0.5
+    released = m @ torch.softmax(k2 @ q2 / math.sqrt(dim), dim=-1)
+    centred = channel_attention(q2, k2, m)
+    scale = released.abs().max()
+    assert ((centred + m.sum(dim=-1, keepdim=True) / dim - released).abs().max() / scale).item() <= 1e-12
+    ln_released, ln_centred = F.layer_norm(released, (dim,)), F.layer_norm(centred, (dim,))
+    assert ((ln_centred - ln_released).abs().max() / ln_released.abs().max()).item() <= 1e-7
+
+
+@pytest.mark.parametrize("equal_layers", [False, True], ids=["per-layer", "equal-layers"])
+def test_float64_equals_the_released_maths(released_mapper, equal_layers):
+    _, mapper64 = released_mapper
+    w, e = (t.double() for t in released_inputs(equal_layers, seed=10))
+    blocks = [{k: v for k, v in block.state_dict().items()} for block in mapper64.blocks]
+    with torch.no_grad():
+        assert worst_relative(mapper64(w, e), ref_mapper(blocks, w, e)) <= 1e-7
+
+
+@pytest.mark.parametrize("equal_layers,bound", [(True, 1e-2)], ids=["equal-layers"])
+def test_float32_is_within_its_bound_of_float64(released_mapper, equal_layers, bound):
+    """PyTorch's default initialisation (as the released training starts), eight latents: the worst element's error
+    against float64 is a fraction of that output's largest value (the released maths: about 3e-2 and 1e-1)."""
+    mapper, mapper64 = released_mapper
+    w, e = released_inputs(equal_layers, seed=20)
+    with torch.no_grad():
+        assert worst_relative(mapper(w, e), mapper64(w.double(), e.double())) <= bound
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_latents_equal_on_every_layer_stay_equal(released_mapper, batch):
+    mapper, _ = released_mapper
+    w = randn(batch, 1, RELEASED.dim, seed=30, dtype=torch.float32).expand(batch, RELEASED.num_ws, RELEASED.dim)
+    with torch.no_grad():
+        delta = mapper.delta(w.contiguous(), randn(batch, RELEASED.dim, seed=31, dtype=torch.float32))
+    assert torch.equal(delta, delta[:, :1].expand_as(delta))
