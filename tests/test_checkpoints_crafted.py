@@ -145,7 +145,7 @@ def test_bundle_config_larger_than_its_tensors(tmp_path, monkeypatch):
     save_bundle(path, "mapper", {"num_ws": 4, "dim": 8192, "num_blocks": 1}, small.state_dict())
     allocated = []
     monkeypatch.setattr(torch.nn.Linear, "reset_parameters", lambda self: allocated.append(self.weight.device.type))
-    _refused(load_mapper, path, "do not match", "[8192, 8192]")
+    _refused(load_mapper, path, "mismatched shapes", "[8192, 8192]")
     assert set(allocated) <= {"meta"}
 
 
@@ -160,7 +160,7 @@ def test_zero_sized_tensor_within_bounds_is_not_allocated(tmp_path, checkpoint, 
     torch.save(_with_g_ema(checkpoint, **{"input.input": torch.zeros(1, 8192, 0, 4)}), path)
     allocated = []
     monkeypatch.setattr(torch.nn.Linear, "reset_parameters", lambda self: allocated.append(self.weight.device.type))
-    _refused(load_generator, path, "do not match", "synthesis_network.const")
+    _refused(load_generator, path, "mismatched shapes", "synthesis_network.const")
     assert set(allocated) <= {"meta"}
 
 

@@ -136,7 +136,7 @@ def build_checked(
         if not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape
     ]
     if wrong:
-        raise checkpoint_error(path, f"{found} whose tensors do not match the config: {'; '.join(wrong[:2])}", accepted)
+        raise checkpoint_error(path, f"{found} with mismatched shapes: {'; '.join(wrong[:2])}", accepted)
     for key, value in state.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise checkpoint_error(path, f"{found} with non-finite weights (NaN or infinity) in {key}", accepted)
