@@ -15,7 +15,7 @@ $(PY):
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[dev,serve]" $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev,openvino,serve]" $(TORCH_PINS)
 	@# the web editor's test drives the Debian chromium (never a downloaded browser); it skips if this fails
 	command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \

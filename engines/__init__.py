@@ -16,6 +16,7 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "ffclip.engines.onnxruntime:OnnxRuntimeEngine",
     "tensorrt": "ffclip.engines.tensorrt:TensorRTEngine",
     "triton": "ffclip.engines.triton:TritonEngine",
+    "openvino": "ffclip.engines.openvino:OpenVinoEngine",
 }
 
 

@@ -24,12 +24,13 @@ from ffclip.errors import FfclipError, InputError, summarize
 
 from .manifest import read_manifest, write_manifest
 from .onnx_export import DEFAULT_OPSET, export_onnx
+from .openvino_export import export_openvino, openvino_skip_reason, stage_precision
 from .parity import Parity, check_parity
 from .stages import PRECISIONS, StageSpec, stage_specs
 from .tensorrt_build import TIMING_CACHE, build_engine
 from .torchscript_export import export_torchscript
 
-FORMATS = ("onnx", "torchscript", "tensorrt")
+FORMATS = ("onnx", "torchscript", "tensorrt", "openvino")
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,10 @@ def _skip_reason(fmt: str, entry: dict[str, Any], options: ExportOptions) -> str
         if reason is None and options.precision == "bf16" and not torch.cuda.is_bf16_supported():
             reason = "this GPU has no bf16 support"
         return reason
+    if fmt == "openvino":
+        if "onnx" not in entry["files"]:
+            return "OpenVINO converts the ONNX file, which was not built"
+        return openvino_skip_reason(options.precision)
     return None
 
 
@@ -238,7 +243,21 @@ def _build_tensorrt(spec, module, folder, options, entry, references) -> Parity:
     return _parity(spec, folder, options, entry, "tensorrt", "tensorrt", options.device, options.precision, references)
 
 
-_BUILDERS = {"onnx": _build_onnx, "torchscript": _build_torchscript, "tensorrt": _build_tensorrt}
+def _build_openvino(spec, module, folder, options, entry, references) -> Parity:
+    xml = folder / "openvino" / f"{spec.name}.xml"
+    facts = export_openvino(folder / entry["files"]["onnx"], xml, spec.name, options.precision)
+    entry["files"]["openvino"] = xml.relative_to(folder).as_posix()
+    entry["openvino"] = {**facts, "weights": xml.with_suffix(".bin").relative_to(folder).as_posix()}
+    precision = stage_precision(spec.name, options.precision)
+    return _parity(spec, folder, options, entry, "openvino", "openvino", torch.device("cpu"), precision, references)
+
+
+_BUILDERS = {
+    "onnx": _build_onnx,
+    "torchscript": _build_torchscript,
+    "tensorrt": _build_tensorrt,
+    "openvino": _build_openvino,
+}
 
 
 def _parity(spec, folder, options, entry, fmt, backend, device, precision, references) -> Parity:

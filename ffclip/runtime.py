@@ -27,7 +27,7 @@ from .latents import check_latents, sample_latents
 from .models.text_encoder import tokenize
 from .strength import apply_strength, check_strength
 
-AUTO_ORDER = ("tensorrt", "onnxruntime", "torchscript", "eager")
+AUTO_ORDER = ("tensorrt", "openvino", "onnxruntime", "torchscript", "eager")
 
 
 class Runtime:
@@ -50,8 +50,9 @@ class Runtime:
     @classmethod
     def load(cls, folder: str | Path, backend: str = "auto", device: str | torch.device | None = None,
              max_batch: int | None = None, cache_size: int = 1024) -> "Runtime":
-        """Open an artifact folder. `backend` is "auto" (tensorrt on CUDA when built, else onnxruntime, torchscript,
-        eager), or one of eager, torchscript, onnxruntime, tensorrt, triton. `max_batch` caps the rows per engine call."""
+        """Open an artifact folder. `backend` is "auto" (tensorrt on CUDA when built, openvino on the CPU when
+        built, else onnxruntime, torchscript, eager), or one of eager, torchscript, onnxruntime, tensorrt, triton,
+        openvino. `max_batch` caps the rows per engine call."""
         folder = Path(folder)
         dev = resolve_device(device)
         manifest = read_manifest(folder)

@@ -1,4 +1,4 @@
-"""`ffclip-export` / `ffclip export`: write ONNX, TorchScript and TensorRT artifacts with their manifest."""
+"""`ffclip-export` / `ffclip export`: write ONNX, TorchScript, TensorRT and OpenVINO artifacts with their manifest."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .options import StageSources, stage_options
               help="TensorRT build precision (and TorchScript compute precision on CUDA); bf16 where TensorRT allows.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Artifact folder (default artifacts/<preset>); replaced atomically.")
-@click.option("--formats", default="onnx,torchscript,tensorrt", show_default=True,
+@click.option("--formats", default="onnx,torchscript,tensorrt,openvino", show_default=True,
               help="Comma-separated formats; those this machine cannot build are reported as skipped.")
 @click.option("--min-batch", type=int, default=1, show_default=True)
 @click.option("--opt-batch", type=int, default=4, show_default=True)
@@ -54,7 +54,8 @@ def export(sources: StageSources, precision: str, out: Path | None, formats: str
         for stage, (path, stage_seed) in origin.items()
     }
     if precision != "fp32":
-        console.print(f"note: {precision} applies to the TensorRT engines and to TorchScript traced on CUDA; ONNX files "
+        console.print(f"note: {precision} applies to the TensorRT engines, to TorchScript traced on CUDA and (bf16) to "
+                      "OpenVINO's text encoder and generator; ONNX files "
                       "are fp32 graphs" + ("" if options.device.type == "cuda" else ", and on the CPU TorchScript is fp32 too"))
     console.print(f"loading the stages (preset {sources.preset})")
     modules = sources.load("cpu")
