@@ -77,10 +77,12 @@ def test_float64_equals_the_released_maths(released_mapper, equal_layers):
         assert worst_relative(mapper64(w, e), ref_mapper(blocks, w, e)) <= 1e-7
 
 
-@pytest.mark.parametrize("equal_layers,bound", [(True, 1e-2)], ids=["equal-layers"])
+@pytest.mark.parametrize("equal_layers,bound", [(False, 5e-3), (True, 1e-2)], ids=["per-layer", "equal-layers"])
 def test_float32_is_within_its_bound_of_float64(released_mapper, equal_layers, bound):
     """PyTorch's default initialisation (as the released training starts), eight latents: the worst element's error
-    against float64 is a fraction of that output's largest value (the released maths: about 3e-2 and 1e-1)."""
+    against float64 is a fraction of that output's largest value (the released maths: 3.0e-2 and 3.2e-2 on these
+    inputs; the stable form about 2e-3 and 1e-3). Per-layer latents stay above 1e-3 on some weights: rounding only
+    the first block's layer selection to float32, in an otherwise float64 evaluation, already costs up to 3e-4."""
     mapper, mapper64 = released_mapper
     w, e = released_inputs(equal_layers, seed=20)
     with torch.no_grad():
