@@ -2,8 +2,8 @@
 
 Every backend exposes the same calls on the same inputs: `text(prompts)`, `mapper(latents, embeddings)` and
 `generator(latents)`; the end-to-end `edit(prompts, latents)` chains the three. Outputs are float tensors on any
-device. eager and compile run the PyTorch modules; torchscript, onnxruntime, tensorrt and triton run exported
-artifacts through `ffclip.runtime.Runtime`.
+device. eager and compile run the PyTorch modules; torchscript, onnxruntime, tensorrt, triton and openvino run
+exported artifacts through `ffclip.runtime.Runtime`.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ import torch
 from ffclip.export.stages import STAGES as EXPORTED_STAGES
 
 STAGES = ("text", "mapper", "generator", "edit")
-BACKENDS = ("eager", "torchscript", "compile", "onnxruntime", "tensorrt", "triton")
+BACKENDS = ("eager", "torchscript", "compile", "onnxruntime", "openvino", "tensorrt", "triton")
 PRECISIONS = ("fp32", "fp16")
 # backends served from an artifact folder through `ffclip.runtime.Runtime`
-RUNTIME_BACKENDS = ("torchscript", "onnxruntime", "tensorrt", "triton")
+RUNTIME_BACKENDS = ("torchscript", "onnxruntime", "openvino", "tensorrt", "triton")
 # the export each runtime backend needs: one folder per group, so a format that fails leaves the others usable;
 # triton runs the eager weights that every export folder holds, so any group serves it
-EXPORT_GROUPS = {"torchscript": ("torchscript",), "onnxruntime": ("onnx",), "tensorrt": ("onnx", "tensorrt")}
+EXPORT_GROUPS = {"torchscript": ("torchscript",), "onnxruntime": ("onnx",), "openvino": ("onnx", "openvino"),
+                 "tensorrt": ("onnx", "tensorrt")}
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -105,6 +106,20 @@ class StageSet:
         if stage == "generator":
             return self.generator(inputs["latents"])
         return self.edit(inputs["prompts"], inputs["latents"])
+
+
+def stage_flops(stages: StageSet, inputs: dict[str, Any], names: list[str] | tuple[str, ...]) -> dict[str, float]:
+    """FLOPs per item of each stage in `names` (convolutions and matrix products, as counted by torch's
+    FlopCounterMode on the eager modules), from one call on `inputs` divided by its batch size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = len(inputs["prompts"])
+    flops = {}
+    for name in names:
+        with FlopCounterMode(display=False) as counter:
+            stages.call(name, inputs)
+        flops[name] = counter.get_total_flops() / batch
+    return flops
 
 
 def _autocast(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:

@@ -70,8 +70,8 @@ def _compare(paths: tuple[Path, Path]) -> None:
 @click.option("--budget", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
               help="Seconds of timed calls per cell when --iters is not given.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads of each worker (torch.set_num_threads) [default: torch's choice]; ONNX Runtime keeps its own "
-                   "pool of one thread per core.")
+              help="CPU threads of each worker (torch.set_num_threads) [default: torch's choice]; OpenVINO follows it, "
+                   "ONNX Runtime keeps its own pool of one thread per core.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: artifacts/bench/<preset>-<device>-<time>].")

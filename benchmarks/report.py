@@ -22,7 +22,8 @@ KEY = ("stage", "backend", "precision", "batch")
 LEGEND = (
     "items/s: prompts (text), latents (mapper) or images (generator, edit) per second at the median latency; "
     "max err: max |output - eager fp32 output| on the same inputs; floor: max |eager fp32 - eager fp64| (text and "
-    "mapper), the rounding noise a correct fp32 path shows; mem: {memory}."
+    "mapper), the rounding noise a correct fp32 path shows; % peak: GFLOP/s (convolutions and matrix products of the "
+    "eager stage, per item, times items/s) over the CPU's estimated fp32 peak; mem: {memory}."
 )
 
 
@@ -78,8 +79,8 @@ def unmeasured(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(groups.values())
 
 
-MEASURED_HEADER = ("stage", "backend", "prec", "batch", "median ms", "p90 ms", "p99 ms", "n", "items/s", "mem MiB",
-                   "max err", "floor")
+MEASURED_HEADER = ("stage", "backend", "prec", "batch", "median ms", "p90 ms", "p99 ms", "n", "items/s", "% peak",
+                   "mem MiB", "max err", "floor")
 
 
 def measured_cells(row: dict[str, Any]) -> tuple[str, ...]:
@@ -88,6 +89,7 @@ def measured_cells(row: dict[str, Any]) -> tuple[str, ...]:
     return (
         row["stage"], row["backend"], row["precision"], str(row["batch"]), fmt_ms(row["median_ms"]),
         fmt_ms(row["p90_ms"]), fmt_ms(row["p99_ms"]), str(row["n"]), fmt_rate(row["throughput"]),
+        "-" if row.get("peak_frac") is None else f"{100 * row['peak_frac']:.1f}",
         "-" if row["memory_mib"] is None else f"{row['memory_mib']:.1f}", error, fmt_error(row.get("floor")),
     )
 
@@ -117,10 +119,15 @@ def machine_lines(results: dict[str, Any]) -> list[str]:
         + (f"{s['iters']} iterations" if s["iters"] else f"{s['budget_s']:g} s per cell (at least 3 iterations)"),
         f"CPU: {m.get('cpu')}, {m.get('cpu_cores_logical')} logical cores, torch threads {m.get('torch_threads')}, "
         f"load average at start {m.get('load_average')}",
+        f"CPU flags: {' '.join(m.get('cpu_flags') or []) or 'unknown'}; fp32 peak " + _peak(m.get("cpu_fp32_peak")),
         "GPU: "
         + (f"{gpu['name']} ({gpu['memory_gib']} GiB, driver {gpu['driver']}, CUDA {gpu['cuda_runtime']})" if gpu else "none"),
         f"python {m.get('python')}; {versions}",
     ]
+
+
+def _peak(peak: dict[str, Any] | None) -> str:
+    return f"{peak['gflops']:g} GFLOP/s, estimated as {peak['how']}" if peak else "unknown"
 
 
 def legend(results: dict[str, Any]) -> str:

@@ -26,7 +26,8 @@ from .machine import machine_info
 
 ROW_FIELDS = (
     "stage", "backend", "precision", "batch", "status", "reason", "n",
-    "median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput", "memory_mib", "memory_kind",
+    "median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput", "gflops", "peak_frac", "memory_mib",
+    "memory_kind",
     "max_abs_err", "floor",
 )
 

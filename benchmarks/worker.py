@@ -28,8 +28,8 @@ import torch
 from ffclip.atomic import atomic_file
 from ffclip.errors import FfclipError, summarize as summarize_error
 
-from .backends import EXPORTED_STAGES, StageSet, build_modules, module_stages, open_stages
-from .machine import machine_info
+from .backends import EXPORTED_STAGES, StageSet, build_modules, module_stages, open_stages, stage_flops
+from .machine import cpu_fp32_peak, machine_info
 from .runner import Cell
 from .timing import PeakMemory, release_freed_memory, summarize, time_calls
 
@@ -107,6 +107,7 @@ def make_reference(job: dict[str, Any], emit: Emit) -> None:
         for batch in job["batches"]
     }
     reference["floors"] = fp64_floors(modules, reference, job, device)
+    reference["flops"] = stage_flops(stages, batch_inputs(reference, 1, device), job["stages"])
     with atomic_file(job["output"]) as tmp:
         torch.save(reference, tmp)
 
@@ -160,11 +161,17 @@ def measure(
             budget_s=job["budget_s"],
         )
     stats = summarize(samples)
+    throughput = cell.batch / (stats.median_ms / 1e3)
+    flops = reference.get("flops", {}).get(cell.stage)
+    gflops = throughput * flops / 1e9 if flops else None
+    peak = cpu_fp32_peak() if device.type == "cpu" else None
     return cell.row(
         "ok",
         None if error is not None else "non-finite values in the output",
         **stats.to_dict(),
-        throughput=cell.batch / (stats.median_ms / 1e3),
+        throughput=throughput,
+        gflops=gflops,
+        peak_frac=gflops / peak["gflops"] if gflops and peak else None,
         memory_mib=memory.peak_mib,
         memory_kind=memory.kind,
         max_abs_err=error,
