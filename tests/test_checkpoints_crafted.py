@@ -14,7 +14,7 @@ import zipfile
 import pytest
 import torch
 
-from ffclip.checkpoints import load_generator, load_mapper, save_module
+from ffclip.checkpoints import load_generator, load_mapper, load_text_encoder, save_module
 from ffclip.checkpoints.bundle import save_bundle
 from ffclip.config import MapperConfig
 from ffclip.errors import CheckpointError
@@ -195,6 +195,14 @@ def test_release_wrong_rank(tmp_path, key, value):
     path = tmp_path / "release.pt"
     torch.save({"state_dict": state, "opts": {}}, path)
     _refused(load_mapper, path, "FFCLIP release mapper")
+
+
+def test_broadcast_tensor_is_never_materialised(tmp_path):
+    """A stored 2-byte tensor viewed with zero strides as 2**40 half floats: converting it first would need 4 TiB."""
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save({"token_embedding.weight": torch.zeros((), dtype=torch.float16).expand(2**20, 2**20)}, path)
+    assert path.stat().st_size < 4096
+    _refused(load_text_encoder, path, "open_clip checkpoint that does not fit")
 
 
 # Non-finite weights are refused at load.

@@ -113,9 +113,10 @@ def text_encoder_from_state(
     found: str,
     accepted: str,
 ) -> TextEncoder:
-    """A text encoder holding `state` (float32), strictly loaded; the image tower is dropped unless `vision`."""
+    """A text encoder holding `state` (converted to float32 as it is loaded, once its shapes are checked), strictly
+    loaded; the image tower is dropped unless `vision`."""
     kept = {
-        k: v.float() if isinstance(v, torch.Tensor) else v
+        k: v
         for k, v in state.items()
         if k.rsplit(".", 1)[-1] not in _NON_WEIGHTS and (vision or not k.startswith("visual."))
     }
