@@ -197,6 +197,21 @@ def test_release_wrong_rank(tmp_path, key, value):
     _refused(load_mapper, path, "FFCLIP release mapper")
 
 
+def test_broadcast_tensors_cannot_stand_for_a_whole_model(tmp_path):
+    """Every tensor a zero-stride view of one stored element: the shapes fit a 256-wide generator of ~20 MB, the file
+    stores a few bytes per tensor."""
+    from reference_models import RefGenerator
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        wide = RefGenerator({4: 256, 8: 256, 16: 256, 32: 256})
+    g_ema = {k: v if k.endswith("kernel") else torch.ones(()).expand(v.shape) for k, v in wide.state_dict().items()}
+    path = tmp_path / "g.pt"
+    torch.save({"g_ema": g_ema, "latent_avg": torch.zeros(32)}, path)
+    assert path.stat().st_size < 2**17
+    _refused(load_generator, path, "tensors store")
+
+
 def test_broadcast_tensor_is_never_materialised(tmp_path):
     """A stored 2-byte tensor viewed with zero strides as 2**40 half floats: converting it first would need 4 TiB."""
     path = tmp_path / "open_clip_pytorch_model.bin"

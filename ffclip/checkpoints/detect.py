@@ -108,6 +108,12 @@ def _shape(value: Any) -> str:
     return str(list(value.shape)) if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
 
 
+# A module may need at most this many times the bytes its tensors store (half-precision files load as float32),
+# plus a little for the tensors a loader fills in itself.
+STORED_RATIO = 4
+STORED_SLACK = 2**20
+
+
 def build_checked(
     config: Any,
     make: Callable[[Any], torch.nn.Module],
@@ -117,8 +123,9 @@ def build_checked(
     accepted: str,
 ) -> torch.nn.Module:
     """`make(config)` loaded strictly with `state`, in eval mode and frozen. Before anything is allocated the config
-    must be within `limits`, and the names and shapes in `state` must be those of the module (built on the meta
-    device to learn them); non-finite weights are refused. Every refusal is a `CheckpointError` naming the file."""
+    must be within `limits`, the names and shapes in `state` must be those of the module (built on the meta device
+    to learn them), and the module may not need far more bytes than the tensors store; non-finite weights are
+    refused. Every refusal is a `CheckpointError` naming the file."""
     try:
         check_config(config)
         with torch.device("meta"):
@@ -137,6 +144,13 @@ def build_checked(
     ]
     if wrong:
         raise checkpoint_error(path, f"{found} with mismatched shapes: {'; '.join(wrong[:2])}", accepted)
+    stored = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in state.values()}
+    needed = sum(v.numel() * v.element_size() for v in expected.values())
+    if needed > STORED_RATIO * sum(stored.values()) + STORED_SLACK:
+        raise checkpoint_error(
+            path, f"{found} whose tensors store {sum(stored.values())} bytes for a model of {needed} bytes "
+            "(tensors broadcast or shared past what the file holds)", accepted,
+        )
     for key, value in state.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise checkpoint_error(path, f"{found} with non-finite weights (NaN or infinity) in {key}", accepted)

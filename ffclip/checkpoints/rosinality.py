@@ -48,7 +48,7 @@ def _layer_entries(prefix: str, rest: str, value: torch.Tensor, to_rgb: bool) ->
     if rest == "conv.weight":
         return f"{prefix}.weight", value[0]
     if to_rgb and rest == "bias":
-        return f"{prefix}.bias", value.reshape(-1)
+        return f"{prefix}.bias", value.view(-1)  # a view: a broadcast tensor is refused, never copied out
     if not to_rgb and rest == "noise.weight":
         return f"{prefix}.noise_strength", value.reshape(())
     renamed = (_TO_RGB if to_rgb else _STYLED_CONV).get(rest)
