@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean world
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 demo: install
 	$(VENV)/bin/ffclip edit --out artifacts/demo/edit.png \
 		--prompt "blond hair" --prompt "a smiling face" --prompt "wearing glasses" --prompt "an old person"
+
+# Train the shapes world's generator, CLIP and mapper from nothing (resumable: run again after an interruption), then
+# write their weights into the package as the `world` preset's default and judge them. THREADS: CPU threads in all.
+THREADS ?= 2
+world: install
+	$(PY) -m ffclip.world.build --out artifacts/world --threads $(THREADS)
 
 test: install
 	$(PY) -m pytest -q -n 2 --durations=15

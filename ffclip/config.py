@@ -121,6 +121,21 @@ PRESETS: dict[str, Preset] = {
         description="Embedded default: a 256-pixel narrow generator, a small text tower with CLIP's real tokenizer, "
         "the real mapper dimensions. Weights are seeded random, not trained.",
     ),
+    "world": Preset(
+        name="world",
+        generator=GeneratorConfig(resolution=64, style_dim=128, n_mlp=4, lr_mlp=0.5,
+                                  channels={"4": 64, "8": 64, "16": 64, "32": 32, "64": 16}),
+        mapper=MapperConfig(num_ws=10, dim=128, num_blocks=4),
+        text=TextConfig(
+            model="world-clip",
+            embed_dim=128,
+            text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+            vision_cfg={"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
+        ),
+        seed=0,
+        description="The shapes world (ffclip.world): a 64-pixel generator, a small CLIP with the real tokenizer and "
+        "a mapper, all trained here by `make world`.",
+    ),
 }
 
 

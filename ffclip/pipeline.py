@@ -58,20 +58,20 @@ class EditPipeline:
     @torch.no_grad()
     def modulate(self, latents: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """Edited latents `[B, L, 512]` for `latents [B, L, 512]` and `embeddings [B, 512]`."""
-        w = check_latents(latents, self.num_ws).to(self.device)
+        w = check_latents(latents, self.num_ws, self.generator.config.style_dim).to(self.device)
         return self.mapper(w, embeddings.float().to(self.device)).cpu()
 
     @torch.no_grad()
     def synthesize(self, latents: torch.Tensor) -> torch.Tensor:
         """Images float32 `[B, 3, R, R]`, roughly in [-1, 1]."""
-        w = check_latents(latents, self.num_ws).to(self.device)
+        w = check_latents(latents, self.num_ws, self.generator.config.style_dim).to(self.device)
         return self.generator.synthesis(w).float().cpu()
 
     def edit(self, latents: torch.Tensor, prompts: list[str],
              strength: float | Sequence[float] | torch.Tensor = 1.0) -> torch.Tensor:
         """uint8 images `[B, R, R, 3]`: one prompt applied to every latent, or one prompt per latent; `strength` (one,
         or one per latent) scales the edit (`ffclip.strength`)."""
-        w = check_latents(latents, self.num_ws)
+        w = check_latents(latents, self.num_ws, self.generator.config.style_dim)
         check_strength(strength, w.shape[0])
         e = self.encode_text(prompts)
         if e.shape[0] == 1:

@@ -21,6 +21,7 @@ COMMANDS = {
     "bench": "ffclip.benchmarks.cli:bench",
     "train": "ffclip.cli.train:train",
     "serve": "ffclip.serve.cli:serve",
+    "eval-world": "ffclip.cli.eval_world:eval_world",
 }
 
 HELP = {
@@ -29,6 +30,7 @@ HELP = {
     "bench": "Compare backends on every stage.",
     "train": "Train a mapper.",
     "serve": "Serve edits over HTTP on Ray Serve, with a web editor.",
+    "eval-world": "Judge the shapes world: valid pictures and edit accuracy, read from pixels.",
 }
 
 

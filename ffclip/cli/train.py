@@ -22,6 +22,14 @@ from .options import StageSources, stage_options
               help="Text file with one training prompt per line (default: a built-in list of face edits).")
 @click.option("--latents", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Training latents, e.g. e4e inversions (.npy/.pt, [N,L,512]); default: sampled from the generator.")
+@click.option("--lambda-clip", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Weight of the CLIP loss (edited image against its prompt).")
+@click.option("--lambda-latent", type=click.FloatRange(0), default=0.8, show_default=True,
+              help="Weight of the L1 distance between the edited and the original latents.")
+@click.option("--lambda-embedding", type=click.FloatRange(0), default=0.5, show_default=True,
+              help="Weight of the L1 distance between the CLIP image embeddings of the edited and original images.")
+@click.option("--truncation", type=click.FloatRange(0, 1), default=0.7, show_default=True,
+              help="Truncation psi of the latents sampled from the generator (unused with --latents).")
 @click.option("--init-mapper/--fresh-mapper", default=False, show_default=True,
               help="Start from --mapper's weights rather than a fresh initialisation.")
 @click.option("--resume", is_flag=True, help="Continue from the state saved in --out.")
@@ -36,6 +44,10 @@ def train(
     save_every: int,
     prompts_file: Path | None,
     latents: Path | None,
+    lambda_clip: float,
+    lambda_latent: float,
+    lambda_embedding: float,
+    truncation: float,
     init_mapper: bool,
     resume: bool,
     seed: int,
@@ -47,8 +59,10 @@ def train(
     from ..devices import resolve_device
     from ..factory import build_mapper
     from ..latents import load_latents
+    from ..outputs import check_output_folder
     from ..training import DEFAULT_PROMPTS, MapperTrainer, TrainConfig, plot_losses
 
+    check_output_folder(out, "--out")
     dev = resolve_device(device)
     prompts = DEFAULT_PROMPTS
     if prompts_file is not None:
@@ -64,9 +78,11 @@ def train(
         mapper = load_mapper(sources.mapper, preset=sources.preset, device=dev)
     else:
         mapper = build_mapper(MapperConfig(num_ws=generator.num_ws, dim=text_encoder.embed_dim), seed=seed)
-    w = load_latents(latents, generator.num_ws) if latents is not None else None
+    w = load_latents(latents, generator.num_ws, generator.config.style_dim) if latents is not None else None
 
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, save_every=save_every, seed=seed, prompts=prompts)
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, save_every=save_every, seed=seed, prompts=prompts,
+                         lambda_clip=lambda_clip, lambda_latent=lambda_latent, lambda_embedding=lambda_embedding,
+                         truncation=truncation)
     trainer = MapperTrainer(mapper, generator, text_encoder, config, latents=w, device=dev)
     if resume:
         trainer.resume(out)

@@ -1,0 +1,124 @@
+"""The shapes world of `spec.json`: scenes (four attributes plus the centre offset) and their exact rendering."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import torch
+
+ATTRIBUTES = ("color", "shape", "size", "background")
+
+
+@lru_cache(maxsize=1)
+def spec() -> dict[str, Any]:
+    """The world's specification, read from the package's `spec.json`."""
+    return json.loads(resources.files("ffclip.world").joinpath("spec.json").read_text())
+
+
+def values(attribute: str) -> tuple[str, ...]:
+    """The values `attribute` takes, in the specification's order."""
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"unknown attribute {attribute!r}; the attributes are {', '.join(ATTRIBUTES)}")
+    return tuple(spec()[attribute])
+
+
+def resolution() -> int:
+    return int(spec()["resolution"])
+
+
+def max_offset() -> float:
+    """The largest centre offset from the image centre, as a fraction of the image side."""
+    return float(spec()["center_jitter"])
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One picture of the world. `dx`, `dy`: the bounding box centre's offset from the image centre (image sides)."""
+
+    color: str
+    shape: str
+    size: str
+    background: str
+    dx: float = 0.0
+    dy: float = 0.0
+
+    def __post_init__(self) -> None:
+        for attribute in ATTRIBUTES:
+            if getattr(self, attribute) not in values(attribute):
+                raise ValueError(f"{getattr(self, attribute)!r} is not a {attribute}; use one of {values(attribute)}")
+        limit = max_offset() + 1e-9
+        if abs(self.dx) > limit or abs(self.dy) > limit:
+            raise ValueError(f"centre offset ({self.dx}, {self.dy}) is beyond the jitter of {max_offset()}")
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        return {a: getattr(self, a) for a in ATTRIBUTES}
+
+    def replace(self, **changes: Any) -> "Scene":
+        return Scene(**{**self.__dict__, **changes})
+
+
+def sample_scene(rng: random.Random) -> Scene:
+    """A uniformly drawn scene: each attribute uniform over its values, the offsets uniform over the jitter."""
+    j = max_offset()
+    return Scene(*(rng.choice(values(a)) for a in ATTRIBUTES), dx=rng.uniform(-j, j), dy=rng.uniform(-j, j))
+
+
+def sample_scenes(num: int, seed: int = 0) -> list[Scene]:
+    """`num` scenes drawn with `sample_scene` from a generator seeded with `seed`."""
+    rng = random.Random(seed)
+    return [sample_scene(rng) for _ in range(num)]
+
+
+def coverage(
+    shapes: torch.Tensor, sides: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, size: int, supersample: int = 4
+) -> torch.Tensor:
+    """The fraction of each pixel `[B, size, size]` that the object covers, from `supersample`^2 points per pixel.
+
+    `shapes` holds indices into `values("shape")`; `sides` the bounding box side and `cx, cy` its centre, all as
+    fractions of the image side, with y growing downwards.
+    """
+    s = supersample
+    t = (torch.arange(size * s, dtype=torch.float32) + 0.5) / (size * s)
+    v, u = t[:, None], t[None, :]
+    h = (sides / 2)[:, None, None]
+    du, dv = u - cx[:, None, None], v - cy[:, None, None]
+    inside_box = (du.abs() <= h) & (dv.abs() <= h)
+    circle = du.square() + dv.square() <= h.square()
+    # upright isosceles triangle: apex at the top centre, base along the bottom edge of the box
+    triangle = inside_box & (du.abs() <= (dv + h) / 2)
+    names = values("shape")
+    masks = {"circle": circle, "square": inside_box, "triangle": triangle}
+    out = torch.zeros(shapes.shape[0], size * s, size * s)
+    for i, name in enumerate(names):
+        out = torch.where((shapes == i)[:, None, None], masks[name].float(), out)
+    return out.view(-1, size, s, size, s).mean(dim=(2, 4))
+
+
+def _palette(attribute: str) -> torch.Tensor:
+    return torch.tensor([spec()[attribute][v] for v in values(attribute)], dtype=torch.float32)
+
+
+def render(scenes: list[Scene], supersample: int = 4) -> torch.Tensor:
+    """Pictures of `scenes`: float32 `[B, 3, R, R]` in [-1, 1] (sRGB 0-255 mapped linearly), antialiased edges."""
+    if not scenes:
+        raise ValueError("no scenes to render")
+    r = resolution()
+    idx = lambda a: torch.tensor([values(a).index(getattr(sc, a)) for sc in scenes])  # noqa: E731
+    sides = torch.tensor([spec()["size"][sc.size] for sc in scenes], dtype=torch.float32)
+    cx = torch.tensor([0.5 + sc.dx for sc in scenes], dtype=torch.float32)
+    cy = torch.tensor([0.5 + sc.dy for sc in scenes], dtype=torch.float32)
+    cov = coverage(idx("shape"), sides, cx, cy, r, supersample)[:, None]
+    fg = _palette("color")[idx("color")][:, :, None, None]
+    bg = _palette("background")[idx("background")][:, :, None, None]
+    return (bg + (fg - bg) * cov) / 127.5 - 1
+
+
+def render_uint8(scenes: list[Scene]) -> torch.Tensor:
+    """Pictures of `scenes` as uint8 `[B, R, R, 3]`."""
+    return ((render(scenes) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

@@ -1,0 +1,163 @@
+"""The shapes world: renderer against the spec, judge against the renderer, captions, and tiny runs of each stage."""
+
+import json
+import random
+from importlib import resources
+
+import pytest
+import torch
+
+from ffclip.world import captions
+from ffclip.world.judge import judge
+from ffclip.world.scenes import ATTRIBUTES, Scene, render, render_uint8, sample_scenes, spec, values
+
+
+def test_spec_is_the_shipped_file_and_names_every_attribute():
+    shipped = json.loads(resources.files("ffclip.world").joinpath("spec.json").read_text())
+    assert shipped == spec()
+    assert values("color")[0] == "red" and len(values("color")) == 7
+    assert values("shape") == ("circle", "square", "triangle")
+    assert values("size") == ("small", "large") and values("background") == ("black", "gray")
+
+
+def test_render_draws_the_spec_exactly():
+    r = spec()["resolution"]
+    scene = Scene("red", "square", "large", "gray", dx=0.0, dy=0.0)
+    img = render_uint8([scene])[0]
+    side = spec()["size"]["large"] * r
+    lo, hi = int((r - side) / 2) + 1, int((r + side) / 2) - 1
+    assert img[lo:hi, lo:hi].reshape(-1, 3).unique(dim=0).tolist() == [spec()["color"]["red"]]
+    assert img[0, 0].tolist() == spec()["background"]["gray"] and img[-1, -1].tolist() == spec()["background"]["gray"]
+    # the triangle's apex row is narrow, its base row as wide as the box; the disc is symmetric
+    tri = render_uint8([scene.replace(shape="triangle", background="black")])[0].float().sum(-1) > 200
+    rows = tri.sum(1).nonzero().flatten()
+    assert tri[rows[0]].sum() <= 3 and abs(int(tri[rows[-1]].sum()) - side) <= 2
+    disc = render([scene.replace(shape="circle")])[0]
+    assert torch.allclose(disc, disc.flip(-1), atol=1e-6) and torch.allclose(disc, disc.transpose(-1, -2), atol=1e-6)
+    # the offset moves the box by the given fraction of the side, within the jitter only
+    moved = render_uint8([scene.replace(dx=0.08)])[0].float().sum(-1) < 350
+    assert abs(float(moved.nonzero()[:, 1].float().mean()) - (r / 2 + 0.08 * r - 0.5)) < 0.6
+    with pytest.raises(ValueError, match="jitter"):
+        scene.replace(dx=0.2)
+    with pytest.raises(ValueError, match="not a color"):
+        scene.replace(color="gray")
+
+
+def test_judge_reads_back_every_rendered_scene():
+    scenes = sample_scenes(150, seed=3)
+    for scene, verdict in zip(scenes, judge(render_uint8(scenes))):
+        assert verdict.valid, verdict.reason
+        assert verdict.scene.attributes == scene.attributes
+        assert abs(verdict.scene.dx - scene.dx) < 0.02 and abs(verdict.scene.dy - scene.dy) < 0.02
+    # float pictures in [-1, 1] (generator output) are read the same way
+    assert [j.scene.attributes for j in judge(render(scenes[:8]))] == [s.attributes for s in scenes[:8]]
+
+
+def test_judge_refuses_what_is_not_a_scene():
+    g = torch.Generator().manual_seed(0)
+    base = render_uint8(sample_scenes(4, seed=5))
+    noise = torch.randint(0, 256, base.shape, generator=g, dtype=torch.uint8)
+    blank = torch.full_like(base, 20)
+    off_palette = base.clone()
+    off_palette[base.float().sum(-1) > 0] = torch.tensor([128, 64, 0], dtype=torch.uint8)
+    wide = render_uint8([Scene("blue", "square", "small", "black")])[0].clone()
+    wide[26:38, 10:54] = torch.tensor(spec()["color"]["blue"], dtype=torch.uint8)  # a bar: no spec shape
+    blurred = torch.nn.functional.avg_pool2d(render(sample_scenes(4, seed=6)), 9, 1, 4)
+    for pictures in (noise, blank, off_palette, wide[None]):
+        assert not any(j.valid for j in judge(pictures))
+    assert not any(j.valid for j in judge(blurred))
+
+
+def test_captions_split_templates_and_mention_the_value():
+    seen = set(captions.SEEN_CAPTIONS) | {t for ts in captions.SEEN_EDITS.values() for t in ts}
+    held = set(captions.HELD_OUT_CAPTIONS) | {t for ts in captions.HELD_OUT_EDITS.values() for t in ts}
+    assert not seen & held
+    rng = random.Random(0)
+    for split in captions.SPLITS:
+        prompts = captions.all_edit_prompts(split)
+        assert {(a, v) for _, a, v in prompts} == {(a, v) for a in ATTRIBUTES for v in values(a)}
+        for prompt, attribute, value in prompts:
+            assert any(word in prompt for word in captions.SYNONYMS[attribute][value])
+        scene = sample_scenes(1, seed=1)[0]
+        text, mentioned = captions.caption(scene, rng, split)
+        for attribute in mentioned:
+            assert any(w in text for w in captions.SYNONYMS[attribute][getattr(scene, attribute)])
+    assert not {p for p, _, _ in captions.all_edit_prompts("seen")} & {p for p, _, _ in captions.all_edit_prompts("held-out")}
+    with pytest.raises(ValueError, match="split"):
+        captions.edit_prompt("color", "red", rng, "unseen")
+
+
+def test_scene_code_of_z_is_uniform_and_scale_free():
+    from ffclip.world.generator_training import mix, scene_from_z
+
+    z = torch.randn(4000, 16, generator=torch.Generator().manual_seed(0))
+    scenes = scene_from_z(z)
+    assert [s.attributes for s in scene_from_z(3 * z[:50])] == [s.attributes for s in scenes[:50]]
+    for attribute in ATTRIBUTES:
+        counts = [sum(getattr(s, attribute) == v for s in scenes) for v in values(attribute)]
+        assert min(counts) > 0.8 * len(scenes) / len(counts)
+    a, b = scenes[0], scenes[1]
+    m = mix(a, b)
+    assert (m.shape, m.size, m.dx, m.color, m.background) == (a.shape, a.size, a.dx, b.color, b.background)
+
+
+def _tiny_configs():
+    from ffclip.config import GeneratorConfig, TextConfig
+
+    generator = GeneratorConfig(resolution=64, style_dim=16, n_mlp=1, lr_mlp=0.5,
+                                channels={str(2**i): 4 for i in range(2, 7)})
+    text = TextConfig(model="tiny", embed_dim=16,
+                      text_cfg={"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+                      vision_cfg={"image_size": 32, "layers": [1, 1, 1, 1], "width": 8})
+    return generator, text
+
+
+def test_tiny_generator_training_runs_every_phase_and_resumes(tmp_path):
+    from ffclip.world.generator_training import GeneratorTraining, train_generator
+
+    config, _ = _tiny_configs()
+    short = GeneratorTraining(synthesis_steps=2, mapping_steps=2, joint_steps=1, batch_size=2, mapping_batch_size=8,
+                              save_every=1)
+    first = train_generator(config, short, tmp_path)
+    for phase, steps in (("synthesis", 2), ("mapping", 2), ("joint", 1)):
+        assert torch.load(tmp_path / phase / "state.pt", weights_only=False)["step"] == steps
+    # a longer run continues each phase from its saved step instead of starting again
+    longer = GeneratorTraining(synthesis_steps=3, mapping_steps=3, joint_steps=2, batch_size=2, mapping_batch_size=8,
+                               save_every=1)
+    second = train_generator(config, longer, tmp_path)
+    for phase, steps in (("synthesis", 3), ("mapping", 3), ("joint", 2)):
+        assert torch.load(tmp_path / phase / "state.pt", weights_only=False)["step"] == steps
+    assert not torch.equal(first.synthesis_network.const, second.synthesis_network.const)
+    assert torch.isfinite(second.w_avg).all() and second.synthesis(second.mapping(torch.randn(2, 16))).shape == (2, 3, 64, 64)
+
+
+def test_tiny_clip_and_mapper_training(tmp_path):
+    from click.testing import CliRunner
+
+    from ffclip.checkpoints import load_mapper, save_module
+    from ffclip.checkpoints.bundle import load_bundle
+    from ffclip.cli.train import train
+    from ffclip.factory import build_generator
+    from ffclip.latents import sample_latents, save_latents
+    from ffclip.world.clip_training import ClipTraining, train_clip
+
+    generator_config, text_config = _tiny_configs()
+    encoder = train_clip(text_config, ClipTraining(steps=2, batch_size=8, pool_size=32, save_every=1), tmp_path / "clip")
+    assert torch.load(tmp_path / "clip" / "state.pt", weights_only=False)["step"] == 2
+    assert encoder.has_vision and encoder.encode(["a red circle"]).shape == (1, 16)
+    generator = build_generator(generator_config)
+    save_module(tmp_path / "clip.safetensors", encoder)
+    save_module(tmp_path / "generator.safetensors", generator)
+    save_latents(tmp_path / "latents.npy", sample_latents(generator, 8))
+    (tmp_path / "prompts.txt").write_text("make it red\na square\n")
+    args = ["--generator", tmp_path / "generator.safetensors", "--clip", tmp_path / "clip.safetensors",
+            "--latents", tmp_path / "latents.npy", "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "mapper",
+            "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--save-every", "1", "--lambda-clip", "1.0",
+            "--lambda-latent", "0.25", "--lambda-embedding", "0.125", "--truncation", "1.0", "--seed", "0",
+            "--device", "cpu"]
+    result = CliRunner().invoke(train, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    mapper = load_mapper(tmp_path / "mapper" / "mapper.safetensors")
+    assert mapper.num_ws == generator.num_ws and mapper.config.dim == 16
+    saved = load_bundle(tmp_path / "mapper" / "mapper.safetensors").extra["train_config"]
+    assert (saved["lambda_latent"], saved["lambda_embedding"], saved["steps"]) == (0.25, 0.125, 2)
