@@ -11,11 +11,13 @@ import pickle
 import struct
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 
 from ffclip.checkpoints import load_generator, load_mapper, load_text_encoder, save_module
 from ffclip.checkpoints.bundle import save_bundle
+from ffclip.checkpoints.safe_pickle import load_torch_file
 from ffclip.config import MapperConfig
 from ffclip.errors import CheckpointError
 from ffclip.factory import build_mapper
@@ -86,7 +88,7 @@ class _Tensor:
         return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.size, stride, False, collections.OrderedDict())
 
 
-def _legacy_file(obj: object, storage: _Storage, payload: bytes) -> bytes:
+def _legacy_file(obj: object, storage: _Storage, payload: bytes, big_endian: bool = False) -> bytes:
     """The legacy layout by hand: magic, protocol, system info, the object, its storage keys, then each storage."""
 
     class Writer(pickle.Pickler):
@@ -96,11 +98,11 @@ def _legacy_file(obj: object, storage: _Storage, payload: bytes) -> bytes:
             return None
 
     out = io.BytesIO()
-    for head in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
+    for head in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": not big_endian}):
         pickle.dump(head, out, protocol=2)
     Writer(out, protocol=2).dump(obj)
     pickle.dump(["0"], out, protocol=2)
-    out.write(struct.pack("<q", storage.numel) + payload)
+    out.write(struct.pack(">q" if big_endian else "<q", storage.numel) + payload)
     return out.getvalue()
 
 
@@ -111,13 +113,29 @@ def test_legacy_storage_larger_than_the_file(tmp_path):
     _refused(load_generator, path, "more than the file holds")
 
 
-def test_legacy_storage_written_in_full_reads_back(tmp_path):
+@pytest.mark.parametrize("big_endian", [False, True])
+def test_legacy_storage_written_by_hand_reads_back(tmp_path, big_endian):
     storage = _Storage(numel=4)
     values = torch.arange(4, dtype=torch.float32)
+    payload = values.numpy().astype(">f4" if big_endian else "<f4").tobytes()
     path = tmp_path / "legacy_hand.pt"
-    path.write_bytes(_legacy_file({"g_ema": {"input.input": _Tensor(storage, (2, 2))}}, storage, values.numpy().tobytes()))
-    # It reads back (its tensors then fail the generator layout, which the message names).
-    _refused(load_generator, path, "rosinality generator state dict that is incomplete")
+    path.write_bytes(_legacy_file({"x": _Tensor(storage, (2, 2))}, storage, payload, big_endian))
+    assert torch.equal(load_torch_file(path)["x"], values.view(2, 2))
+
+
+def test_big_endian_zip_reads_back(tmp_path, checkpoint):
+    plain, swapped = tmp_path / "plain.pt", tmp_path / "big.pt"
+    torch.save(checkpoint, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(swapped, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("/byteorder"):
+                data = b"big"
+            elif "/data/" in info.filename:
+                data = np.frombuffer(data, dtype="<f4").astype(">f4").tobytes()
+            dst.writestr(info, data)
+    a, b = load_generator(plain).state_dict(), load_generator(swapped).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # Configurations are checked against bounds and against the tensors present, before anything is allocated.
