@@ -133,10 +133,15 @@ def build_modules(preset: str, device: torch.device, artifacts: Path | None = No
     every backend runs the same weights), else `preset`'s seeded weights."""
     if artifacts is not None:
         from ffclip.checkpoints.bundle import load_module
+        from ffclip.engines import StageInfo
         from ffclip.export.manifest import read_manifest
 
-        stages = read_manifest(artifacts, verify=False)["stages"]
-        modules = tuple(load_module(artifacts / stages[name]["files"]["eager"]) for name in EXPORTED_STAGES)
+        manifest = read_manifest(artifacts, verify=False)
+        loaded = []
+        for name in EXPORTED_STAGES:
+            with StageInfo.from_manifest(manifest, name).checked_file(artifacts, "eager") as path:
+                loaded.append(load_module(path))
+        modules = tuple(loaded)
     else:
         from ffclip.config import get_preset
         from ffclip.factory import build_preset

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ffclip.config import PRESETS
 from ffclip.devices import resolve_device
-from ffclip.errors import InputError
+from ffclip.cli.options import folder_preset, preset_given
+from ffclip.errors import FfclipError, InputError
+from ffclip.outputs import check_output_folder
 
 from .backends import BACKENDS, PRECISIONS, STAGES
-from .report import FORMAT, FORMAT_VERSION, compare, compare_table, load_results, rich_tables, write_results
+from .report import FORMAT, FORMAT_VERSION, compare, compare_table, load_results, markdown, rich_tables, write_results
 from .runner import Benchmark, Settings
 
 
@@ -88,6 +92,8 @@ def bench(preset: str, artifacts: Path | None, backends: str, stages: str, batch
         return
     resolved = resolve_device(device)
     cuda = resolved.type == "cuda"
+    if artifacts is not None:
+        preset = folder_preset(artifacts, preset, preset_given())
     settings = Settings(
         preset=preset,
         device=str(resolved),
@@ -102,21 +108,44 @@ def bench(preset: str, artifacts: Path | None, backends: str, stages: str, batch
         artifacts=artifacts,
     )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run(settings, out or Path("artifacts") / "bench" / f"{preset}-{resolved.type}-{stamp}")
+    out = out or Path("artifacts") / "bench" / f"{preset}-{resolved.type}-{stamp}"
+    check_output_folder(out, "--out")
+    run(settings, out)
+
+
+Start = Callable[[int], None]
+Advance = Callable[[str, int], None]
+
+
+@contextlib.contextmanager
+def progress_reporter(tty: bool | None = None) -> Iterator[tuple[Start, Advance]]:
+    """(start(total steps), advance(text, steps done)): a progress bar on a terminal (`tty`, default: whether stderr
+    is one), else one plain `[done/total] text` line on stderr per event."""
+    if tty is None:
+        tty = Console(stderr=True).is_terminal
+    if tty:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("starting", total=None)
+            yield (lambda total: progress.update(task, total=total),
+                   lambda text, step: progress.update(task, description=text, advance=step))
+        return
+    state = {"done": 0, "total": 0}
+
+    def advance(text: str, step: int) -> None:
+        state["done"] += step
+        click.echo(f"[{state['done']}/{state['total']}] {text}", err=True)
+
+    yield lambda total: state.update(total=total), advance
 
 
 def run(settings: Settings, out: Path) -> dict[str, Any]:
-    """Run the benchmark with a progress bar, write the three result files and print the tables."""
+    """Run the benchmark with progress, write the three result files and print the tables (Markdown when stdout is
+    not a terminal). Raises `FfclipError` after writing them when no cell was measured."""
     started = time.time()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("starting", total=None)
-
-        def advance(text: str, step: int) -> None:
-            progress.update(task, description=text, advance=step)
-
+    with progress_reporter() as (start, advance):
         benchmark = Benchmark(settings, advance)
-        progress.update(task, total=benchmark.total_steps)
+        start(benchmark.total_steps)
         rows = benchmark.run()
     machine = {**benchmark.machine, "load_average_end": [round(x, 2) for x in os.getloadavg()]}
     results = {
@@ -131,7 +160,12 @@ def run(settings: Settings, out: Path) -> dict[str, Any]:
     }
     paths = write_results(results, out)
     console = Console()
-    for table in rich_tables(results):
-        console.print(table)
-    console.print(f"wrote {paths['json']}, {paths['md'].name} and {paths['png'].name} in {results['duration_s']:.0f} s")
+    if console.is_terminal:
+        for table in rich_tables(results):
+            console.print(table)
+    else:  # a pipe or a file gets every column at full width
+        click.echo(markdown(results))
+    click.echo(f"wrote {paths['json']}, {paths['md'].name} and {paths['png'].name} in {results['duration_s']:.0f} s")
+    if not any(row["status"] == "ok" for row in rows):
+        raise FfclipError(f"nothing was measured: every cell was skipped or failed (the reasons are in {paths['md']})")
     return results

@@ -90,6 +90,22 @@ def plan(settings: Settings) -> tuple[dict[str, list[Cell]], list[dict[str, Any]
 
 Progress = Callable[[str, int], None]
 
+_COMPUTE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def held_precision(manifest: dict[str, Any], backend: str, device: torch.device) -> str:
+    """The precision a runtime backend computes in from an exported folder: ONNX files are fp32 graphs, TorchScript
+    computes in the dtype it was traced with, the eager weights (triton) run under autocast only on CUDA, and TensorRT
+    engines are built at the folder's precision."""
+    if backend == "onnxruntime":
+        return "fp32"
+    if backend == "torchscript":
+        dtypes = {s.get("torchscript", {}).get("compute_dtype", "float32") for s in manifest["stages"].values()}
+        return _COMPUTE.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "mixed"
+    if backend == "triton" and device.type != "cuda":
+        return "fp32"
+    return manifest["precision"]
+
 
 class WorkerFailed(RuntimeError):
     """A worker process that exited with an error before finishing its job."""
@@ -144,11 +160,11 @@ class Benchmark:
         self.progress = progress
         self.machine: dict[str, Any] = {}
         self.runnable, self.skipped = plan(settings)
-        self.given_precision = None
+        self.given: dict[str, Any] | None = None
         if settings.artifacts is not None:
             from ffclip.export.manifest import read_manifest
 
-            self.given_precision = read_manifest(settings.artifacts, verify=False)["precision"]
+            self.given = read_manifest(settings.artifacts, verify=False)
 
     def _exports_needed(self) -> list[tuple[str, tuple[str, ...]]]:
         """(precision, formats) of every export folder the runtime backends need; none when artifacts were given."""
@@ -234,8 +250,9 @@ class Benchmark:
         they cannot run."""
         given = self.settings.artifacts
         if given is not None:
-            if backend in RUNTIME_BACKENDS and precision != self.given_precision:
-                return "skipped", f"{given} holds {self.given_precision} artifacts; export {precision} ones for this row"
+            held = held_precision(self.given, backend, torch.device(self.settings.device))
+            if backend in RUNTIME_BACKENDS and precision != held:
+                return "skipped", f"{given} holds {held} {backend} artifacts; export {precision} ones for this row"
             return given
         if backend not in RUNTIME_BACKENDS:
             return None

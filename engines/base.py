@@ -8,7 +8,10 @@ Engines never split batches or validate values; `ffclip.runtime.Runtime` does th
 from __future__ import annotations
 
 import abc
+import contextlib
+import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from ffclip.errors import FfclipError
+from ffclip.export.manifest import ArtifactError, confined_name, read_listed
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -75,6 +79,8 @@ class StageInfo:
     max_batch: int
     precision: str
     entry: dict[str, Any]
+    # sha256 of every file the manifest lists, by relative path; None while an export checks the files it just wrote
+    hashes: dict[str, str] | None = None
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], name: str) -> "StageInfo":
@@ -91,6 +97,7 @@ class StageInfo:
             max_batch=int(batch["max"]),
             precision=manifest["precision"],
             entry=entry,
+            hashes=dict(manifest["files"]),
         )
 
     def file(self, folder: Path, backend: str) -> Path:
@@ -99,7 +106,38 @@ class StageInfo:
             raise EngineUnavailable(
                 f"{folder}: no {backend} artifact for the {self.name} stage; re-export with --formats including {backend}"
             )
-        return folder / self.files[backend]
+        return folder / confined_name(folder, self.files[backend], f"stage {self.name!r} ({backend})")
+
+    def read(self, folder: Path, backend: str) -> bytes:
+        """The bytes of the artifact for `backend`, read once and checked against the manifest's sha256."""
+        self.file(folder, backend)
+        return self.read_listed(folder, self.files[backend])
+
+    def read_listed(self, folder: Path, name: str) -> bytes:
+        """The checked bytes of `name`, a path relative to `folder` that the manifest lists (and so hashes)."""
+        confined_name(folder, name, f"the {self.name} stage")
+        if self.hashes is not None and name not in self.hashes:
+            raise ArtifactError(f"{folder / name}: opened by the {self.name} stage but not listed (hashed) in "
+                                f"manifest.json; re-export with ffclip-export --out {folder}")
+        return read_listed(folder, name, None if self.hashes is None else self.hashes[name])
+
+    @contextlib.contextmanager
+    def private_copy(self, folder: Path, names: list[str]) -> Iterator[Path]:
+        """A private temporary folder holding the checked bytes of the listed files `names` at their relative paths,
+        for libraries that load only from files; removed on exit."""
+        with tempfile.TemporaryDirectory(prefix="ffclip-checked-") as tmp:
+            for name in names:
+                target = Path(tmp) / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(self.read_listed(folder, name))
+            yield Path(tmp)
+
+    @contextlib.contextmanager
+    def checked_file(self, folder: Path, backend: str) -> Iterator[Path]:
+        """The artifact for `backend` as a private copy of its checked bytes (see `private_copy`)."""
+        self.file(folder, backend)
+        with self.private_copy(folder, [self.files[backend]]) as tmp:
+            yield tmp / self.files[backend]
 
 
 class StageEngine(abc.ABC):

@@ -21,7 +21,8 @@ class EagerEngine(StageEngine):
 
     def __init__(self, folder: Path, stage: StageInfo, device: torch.device):
         super().__init__(folder, stage, device)
-        self._module = load_module(stage.file(self.folder, self.artifact)).to(self.device)
+        with stage.checked_file(self.folder, self.artifact) as path:
+            self._module = load_module(path).to(self.device)
         self._autocast = _AUTOCAST.get(stage.precision) if self.device.type == "cuda" else None
 
     @classmethod

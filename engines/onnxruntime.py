@@ -3,11 +3,53 @@
 from __future__ import annotations
 
 import os
+import posixpath
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ffclip.errors import summarize
+from ffclip.export.manifest import ArtifactError
+
 from .base import StageEngine, StageInfo, cuda_reason
+
+
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor a graph holds: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(sub)
+
+
+def external_data(model: bytes, folder: Path, name: str) -> list[str]:
+    """The files (relative to `folder`) that the ONNX model `name` keeps its external tensors in; `ArtifactError`
+    when one lies outside the folder."""
+    import onnx
+
+    try:
+        proto = onnx.load_model_from_string(model)
+    except Exception as exc:
+        raise ArtifactError(f"{folder / name}: not a readable ONNX model ({summarize(exc)}); "
+                            f"re-export with ffclip-export --out {folder}") from None
+    found: list[str] = []
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        joined = posixpath.normpath(posixpath.join(posixpath.dirname(name), location))
+        if not location or posixpath.isabs(location) or joined.startswith("../") or joined == "..":
+            raise ArtifactError(f"{folder / name}: external data {location!r} of tensor {tensor.name!r} is outside the "
+                                f"artifact folder; re-export with ffclip-export --out {folder}")
+        if joined not in found:
+            found.append(joined)
+    return found
 
 
 class OnnxRuntimeEngine(StageEngine):
@@ -33,7 +75,13 @@ class OnnxRuntimeEngine(StageEngine):
             providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        self._session = ort.InferenceSession(str(stage.file(self.folder, self.artifact)), options, providers=providers)
+        model = stage.read(self.folder, self.artifact)
+        external = external_data(model, self.folder, stage.files[self.artifact])
+        if not external:
+            self._session = ort.InferenceSession(model, options, providers=providers)
+        else:  # ONNX Runtime finds external data beside the model file: load from a private copy of checked bytes
+            with stage.private_copy(self.folder, [stage.files[self.artifact], *external]) as tmp:
+                self._session = ort.InferenceSession(str(tmp / stage.files[self.artifact]), options, providers=providers)
 
     @classmethod
     def availability(cls, device: torch.device) -> str | None:

@@ -133,7 +133,7 @@ class TensorRTEngine(StageEngine):
     def _load(self) -> None:
         path = self.stage.file(self.folder, self.artifact)
         self._runtime = self._trt.Runtime(make_logger(self._trt))
-        self._engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        self._engine = self._runtime.deserialize_cuda_engine(self.stage.read(self.folder, self.artifact))
         if self._engine is None:
             raise EngineUnavailable(f"{path}: TensorRT could not deserialise the engine; rebuild it with ffclip-export")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -28,7 +29,7 @@ class TorchScriptEngine(StageEngine):
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            self._module = torch.jit.load(str(path), map_location=self.device).eval()
+            self._module = torch.jit.load(io.BytesIO(stage.read(self.folder, self.artifact)), map_location=self.device).eval()
 
     @classmethod
     def availability(cls, device: torch.device) -> str | None:

@@ -21,8 +21,9 @@ from ffclip.checkpoints.bundle import save_module
 from ffclip.engines import engine_class
 from ffclip.engines.tensorrt import tensorrt_reason
 from ffclip.errors import FfclipError, InputError, summarize
+from ffclip.outputs import check_output_folder
 
-from .manifest import read_manifest, write_manifest
+from .manifest import MANIFEST, read_manifest, sha256, write_manifest
 from .onnx_export import DEFAULT_OPSET, export_onnx
 from .openvino_export import export_openvino, openvino_skip_reason, stage_precision
 from .parity import Parity, check_parity
@@ -85,6 +86,8 @@ class ExportReport:
     folder: Path
     outcomes: list[Outcome] = field(default_factory=list)
     manifest: dict[str, Any] | None = None
+    # sha256 of manifest.json: what `Runtime.load(..., expected_sha256=...)` pins the folder to
+    manifest_sha256: str | None = None
 
     @property
     def failed(self) -> list[Outcome]:
@@ -103,6 +106,18 @@ class ExportFailed(FfclipError):
         )
 
 
+def check_replaceable(out: Path, force: bool) -> None:
+    """Refuse, before any work, an `out` that is a file, lies in a folder that cannot be written, or is a folder of
+    other files than an artifact folder's (unless `force`): replacing it would delete them."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is not a folder; give the artifact folder to write")
+    check_output_folder(out.parent, "--out", out)
+    if not force and out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise InputError(f"--out {out}: holds files and is not an ffclip artifact folder (no {MANIFEST}); exporting "
+                         "would replace it: choose another folder, or pass --force to replace it")
+
+
 def export_artifacts(
     modules: tuple[nn.Module, nn.Module, nn.Module],
     out: str | Path,
@@ -111,10 +126,13 @@ def export_artifacts(
     preset: str,
     sources: dict[str, dict[str, Any]],
     progress: Callable[[str], None] = lambda message: None,
+    force: bool = False,
 ) -> ExportReport:
     """Export (text encoder, mapper, generator) into `out`. The folder appears complete or not at all; a failure
-    raises `ExportFailed` after every stage and format was tried, so the report lists all problems."""
+    raises `ExportFailed` after every stage and format was tried, so the report lists all problems. An existing
+    `out` is replaced only when it is an artifact folder, or with `force` (`check_replaceable`)."""
     out = Path(out)
+    check_replaceable(out, force)
     specs = stage_specs(*modules)
     by_name = dict(zip(specs, (copy.deepcopy(m).cpu().float().eval() for m in modules)))
     report = ExportReport(out)
@@ -131,6 +149,7 @@ def export_artifacts(
         progress("writing manifest.json")
         write_manifest(tmp, _manifest(modules, options, preset, sources, stages))
     report.manifest = read_manifest(out, verify=False)
+    report.manifest_sha256 = sha256(out / MANIFEST)
     return report
 
 

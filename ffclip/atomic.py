@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -34,23 +35,65 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def _running(pid: int) -> bool:
+    """Whether another process `pid` runs (this process is never inside an `atomic_dir` swap when it asks)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ours(target: Path) -> Iterator[tuple[Path, int, str]]:
+    """(path, pid, kind) of every temporary (`.tmp`) or set-aside (`.old`) folder `atomic_dir` made for `target`."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.(?:[^/]*\.(tmp)|(old))$")
+    if not target.parent.is_dir():
+        return
+    for entry in target.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink():
+            yield entry, int(match.group(1)), match.group(2) or match.group(3)
+
+
+def recover_dir(path: str | os.PathLike) -> None:
+    """Undo what an interrupted `atomic_dir` left beside `path`: a set-aside older folder comes back when `path` is
+    missing, and the temporaries and set-aside folders of processes that no longer run are removed."""
+    target = Path(path)
+    stale = [(entry, kind) for entry, pid, kind in _ours(target) if not _running(pid)]
+    if not target.exists():
+        for entry, kind in stale:
+            if kind == "old":
+                os.replace(entry, target)
+                break
+    for entry, _ in stale:
+        if entry.exists():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `path`; on success it replaces `path` (an older folder is removed
-    only after the new one is complete), on failure it is deleted and `path` is left as it was."""
+    """Yield an empty temporary folder beside `path`; on success it replaces `path`, on failure it is deleted and
+    `path` is left as it was. The older folder is moved aside, the new one moved in, then the older one removed, so a
+    crash at any point leaves one of them; `recover_dir` (run first) restores or removes what a crash left."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    recover_dir(target)
+    pid = os.getpid()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{pid}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, _umasked(0o777))
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.{pid}.old"
+            os.replace(target, old)
+        os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.chmod(tmp, _umasked(0o777))
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-    os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -10,14 +10,12 @@ import torch
 
 from .atomic import atomic_file
 from .errors import InputError, summarize
+from .inputs import as_tensor
 
 
 def check_latents(latents: torch.Tensor | np.ndarray, num_ws: int, dim: int = 512, where: str = "latents") -> torch.Tensor:
     """Return float32 `w+ [B, num_ws, dim]`; `[B, dim]` is broadcast to every layer. Bad input raises `InputError`."""
-    if isinstance(latents, np.ndarray):
-        latents = torch.from_numpy(latents)
-    if not isinstance(latents, torch.Tensor):
-        raise InputError(f"{where}: expected a tensor or array, found {type(latents).__name__}")
+    latents = as_tensor(latents, where)
     if not latents.is_floating_point():
         raise InputError(f"{where}: latents must be floating point, found {latents.dtype}")
     if latents.ndim == 2 and latents.shape[1] == dim:

@@ -9,6 +9,7 @@ import torch
 from .devices import resolve_device
 from .errors import InputError
 from .imaging import to_uint8
+from .inputs import as_prompts, check_embeddings
 from .latents import check_latents, sample_latents
 from .models import Generator, Mapper, TextEncoder
 from .strength import apply_strength, check_strength
@@ -51,15 +52,16 @@ class EditPipeline:
         return sample_latents(self.generator, num, seed, truncation)
 
     @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """Raw CLIP text embeddings, float32 `[P, 512]`."""
-        return self.text_encoder.encode(list(prompts)).float().cpu()
+    def encode_text(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Raw CLIP text embeddings, float32 `[P, 512]`, one row per prompt (a string is one prompt)."""
+        return self.text_encoder.encode(as_prompts(prompts)).float().cpu()
 
     @torch.no_grad()
     def modulate(self, latents: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        """Edited latents `[B, L, 512]` for `latents [B, L, 512]` and `embeddings [B, 512]`."""
+        """Edited latents `[B, L, 512]` for `latents [B, L, 512]` and `embeddings [B, 512]` (or `[512]` / `[1, 512]`
+        for one embedding shared by all)."""
         w = check_latents(latents, self.num_ws, self.generator.config.style_dim).to(self.device)
-        return self.mapper(w, embeddings.float().to(self.device)).cpu()
+        return self.mapper(w, check_embeddings(embeddings, w.shape[0], self.mapper.config.dim).to(self.device)).cpu()
 
     @torch.no_grad()
     def synthesize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -67,12 +69,13 @@ class EditPipeline:
         w = check_latents(latents, self.num_ws, self.generator.config.style_dim).to(self.device)
         return self.generator.synthesis(w).float().cpu()
 
-    def edit(self, latents: torch.Tensor, prompts: list[str],
+    def edit(self, latents: torch.Tensor, prompts: str | Sequence[str],
              strength: float | Sequence[float] | torch.Tensor = 1.0) -> torch.Tensor:
         """uint8 images `[B, R, R, 3]`: one prompt applied to every latent, or one prompt per latent; `strength` (one,
         or one per latent) scales the edit (`ffclip.strength`)."""
         w = check_latents(latents, self.num_ws, self.generator.config.style_dim)
         check_strength(strength, w.shape[0])
+        prompts = as_prompts(prompts)
         e = self.encode_text(prompts)
         if e.shape[0] == 1:
             e = e.expand(w.shape[0], -1)

@@ -1,12 +1,18 @@
 """`Runtime`: serve FFCLIP edits from an artifact folder written by `ffclip-export`, on any backend.
 
-The runtime checks the folder against its manifest, validates inputs, splits batches larger than an engine takes,
-caches text embeddings per prompt and may be called from many threads at once. Outputs are float32 tensors on the
-runtime's device; `edit` returns uint8 images on the CPU.
+The runtime checks the folder against its manifest, validates inputs, splits batches into chunks that an engine
+takes and that fit a memory budget, caches text embeddings per prompt and may be called from many threads at once.
+Outputs are float32 tensors on the runtime's device; `edit` returns uint8 images on the CPU.
+
+Engines load only bytes that were read once and checked against the manifest. A folder is pinned by passing the
+sha256 of its `manifest.json` (printed by `ffclip-export`); for a folder that is not pinned, `backend="auto"` chooses
+only among formats that are data (`DATA_ARTIFACTS`), never TorchScript archives or TensorRT plans, which are programs.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -21,6 +27,7 @@ from .engines import StageEngine, StageInfo, engine_class
 from .engines.base import EngineUnavailable
 from .errors import InputError
 from .export.manifest import ArtifactError, read_manifest
+from .inputs import as_prompts, check_embeddings
 from .export.stages import STAGES
 from .imaging import to_uint8
 from .latents import check_latents, sample_latents
@@ -28,19 +35,28 @@ from .models.text_encoder import tokenize
 from .strength import apply_strength, check_strength
 
 AUTO_ORDER = ("tensorrt", "openvino", "onnxruntime", "torchscript", "eager")
+# exported formats that are data, not programs: the only ones `auto` opens from a folder that is not pinned
+DATA_ARTIFACTS = ("onnx", "openvino", "eager")
+# One engine call gets at most as many rows as fit this budget, counting a row's working memory as
+# WORKING_MEMORY_FACTOR times its input and output bytes (measured on the demo preset on the CPU: about 117 times for
+# the mapper, 48 for the generator, less for the text encoder).
+DEFAULT_MEMORY_BUDGET_MIB = 4096
+WORKING_MEMORY_FACTOR = 128
 
 
 class Runtime:
     """Three stage engines of one backend over one artifact folder. Use `Runtime.load`."""
 
     def __init__(self, folder: Path, manifest: dict, engines: dict[str, StageEngine], backend: str, device: torch.device,
-                 max_batch: int | None = None, cache_size: int = 1024):
+                 max_batch: int | None = None, cache_size: int = 1024,
+                 memory_budget_mib: float | None = DEFAULT_MEMORY_BUDGET_MIB):
         self.folder = folder
         self.manifest = manifest
         self._engines = engines
         self._backend = backend
         self._device = device
         self._max_batch = max_batch
+        self._memory_budget_mib = memory_budget_mib
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
         self._cache_lock = threading.Lock()
@@ -49,24 +65,28 @@ class Runtime:
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "auto", device: str | torch.device | None = None,
-             max_batch: int | None = None, cache_size: int = 1024) -> "Runtime":
+             max_batch: int | None = None, cache_size: int = 1024, expected_sha256: str | None = None,
+             memory_budget_mib: float | None = DEFAULT_MEMORY_BUDGET_MIB) -> "Runtime":
         """Open an artifact folder. `backend` is "auto" (tensorrt on CUDA when built, openvino on the CPU when
         built, else onnxruntime, torchscript, eager), or one of eager, torchscript, onnxruntime, tensorrt, triton,
-        openvino. `max_batch` caps the rows per engine call."""
+        openvino. `expected_sha256` pins the folder: the sha256 of its manifest.json, as `ffclip-export` prints it;
+        without it, auto uses only `DATA_ARTIFACTS`. `max_batch` caps the rows per engine call, and so does
+        `memory_budget_mib` (None: no budget; see `DEFAULT_MEMORY_BUDGET_MIB`)."""
         folder = Path(folder)
         dev = resolve_device(device)
-        manifest = read_manifest(folder)
+        manifest = read_manifest(folder, expected_sha256=expected_sha256)
         infos = {name: StageInfo.from_manifest(manifest, name) for name in STAGES}
+        options = (max_batch, cache_size, memory_budget_mib)
         if backend != "auto":
-            return cls(folder, manifest, _open_engines(folder, infos, backend, dev), backend, dev, max_batch, cache_size)
+            return cls(folder, manifest, _open_engines(folder, infos, backend, dev), backend, dev, *options)
         reasons = []
-        for candidate in _candidates(infos, dev):
+        for candidate in _candidates(infos, dev, pinned=expected_sha256 is not None):
             try:
                 engines = _open_engines(folder, infos, candidate, dev)
-            except EngineUnavailable as exc:  # e.g. a TensorRT engine built for another GPU: fall back
+            except (EngineUnavailable, ArtifactError) as exc:  # e.g. an engine built for another GPU: fall back
                 reasons.append(f"{candidate}: {exc}")
                 continue
-            return cls(folder, manifest, engines, candidate, dev, max_batch, cache_size)
+            return cls(folder, manifest, engines, candidate, dev, *options)
         raise ArtifactError(
             f"no backend can serve {folder} on {dev}" + (f" ({'; '.join(reasons)})" if reasons else "")
             + "; re-export it with ffclip-export"
@@ -96,12 +116,13 @@ class Runtime:
         """`w+ [num, L, 512]` through the mapping network of the generator bundle in the folder (CPU, float32)."""
         with self._cache_lock:
             if self._mapping is None:
-                self._mapping = load_module(StageInfo.from_manifest(self.manifest, "generator").file(self.folder, "eager"))
+                with StageInfo.from_manifest(self.manifest, "generator").checked_file(self.folder, "eager") as path:
+                    self._mapping = load_module(path)
         return sample_latents(self._mapping, num, seed, truncation)
 
     def encode_text(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """Raw CLIP text embeddings, float32 `[B, embed_dim]`, one row per prompt (cached per prompt string)."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = as_prompts(prompts)
         tokens = tokenize(self._tokenizer, prompts)
         unique = list(dict.fromkeys(prompts))
         with self._cache_lock:
@@ -122,12 +143,7 @@ class Runtime:
         """Edited latents `[B, num_ws, 512]` from `latents [B, num_ws, 512]` and `embeddings [B, 512]` (or `[512]` /
         `[1, 512]` for one embedding shared by all)."""
         w = check_latents(latents, self.num_ws, self.embed_dim).to(self._device)
-        e = embeddings
-        if isinstance(e, torch.Tensor) and (e.dim() == 1 or (e.dim() == 2 and e.shape[0] == 1)):
-            e = e.reshape(1, -1).expand(w.shape[0], -1)
-        e = self._check(e, "embeddings", (self.embed_dim,))
-        if e.shape[0] != w.shape[0]:
-            raise InputError(f"embeddings has {e.shape[0]} rows but latents has {w.shape[0]}; give one per latent or one")
+        e = check_embeddings(embeddings, w.shape[0], self.embed_dim)
         return self._run("mapper", {"w": w, "embedding": e})["w_edit"]
 
     def synthesize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -140,34 +156,43 @@ class Runtime:
         """Edited images uint8 `[B, R, R, 3]` (CPU). `prompts` is one prompt applied to every latent, or a list of
         exactly one prompt per latent; `strength` (one, or one per latent) scales the edit (`ffclip.strength`)."""
         w = check_latents(latents, self.num_ws, self.embed_dim).to(self._device)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = as_prompts(prompts)
         if len(prompts) not in (1, w.shape[0]):
             raise InputError(f"{len(prompts)} prompts for {w.shape[0]} latents; give one prompt, or one per latent")
-        check_strength(strength, w.shape[0])
-        return to_uint8(self.synthesize(apply_strength(w, self.modulate(w, self.encode_text(prompts)), strength)))
+        s = check_strength(strength, w.shape[0])
+        e = self.encode_text(prompts)
+        step = min(self.chunk_rows("mapper"), self.chunk_rows("generator"))
+        images = []
+        for i in range(0, w.shape[0], step):  # chunk by chunk, so only the uint8 images of the whole batch are held
+            wi, ei = w[i : i + step], e if e.shape[0] == 1 else e[i : i + step]
+            edited = apply_strength(wi, self.modulate(wi, ei), 1.0 if s is None else s[i : i + step])
+            images.append(to_uint8(self.synthesize(edited)))
+        return torch.cat(images)
 
-    def _check(self, x: torch.Tensor, what: str, tail: tuple[int, ...]) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 1 + len(tail) or tuple(x.shape[1:]) != tail or x.shape[0] == 0:
-            want = ", ".join(["B", *map(str, tail)])
-            raise InputError(f"{what} must have shape [{want}] with B >= 1, got {list(x.shape)}")
-        if not x.is_floating_point():
-            raise InputError(f"{what} must be a floating-point tensor, got {x.dtype}")
-        if not torch.isfinite(x).all():
-            raise InputError(f"{what} contains NaN or Inf values")
-        return x.float()
+    def chunk_rows(self, stage: str) -> int:
+        """The most rows one call of `stage`'s engine gets: the engine's own limit, `max_batch`, and the rows whose
+        estimated working memory fits the memory budget (at least one)."""
+        engine = self._engine(stage)
+        limits = [m for m in (engine.max_batch, self._max_batch) if m is not None]
+        if self._memory_budget_mib is not None:
+            tensors = (*engine.stage.inputs, *engine.stage.outputs)
+            row = sum(math.prod(t.concrete_shape(1)) * t.torch_dtype.itemsize for t in tensors)
+            limits.append(max(1, int(self._memory_budget_mib * 2**20 // (WORKING_MEMORY_FACTOR * row))))
+        return min(limits, default=sys.maxsize)
 
     def _run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run one engine, in chunks no larger than it (or `max_batch`) accepts."""
+        """Run one engine, in chunks of at most `chunk_rows(stage)` rows."""
+        engine = self._engine(stage)
+        batch = next(iter(inputs.values())).shape[0]
+        step = self.chunk_rows(stage)
+        parts = [engine.run({k: v[i : i + step] for k, v in inputs.items()}) for i in range(0, batch, step)]
+        return {k: torch.cat([p[k] for p in parts]).to(self._device) for k in parts[0]}
+
+    def _engine(self, stage: str) -> StageEngine:
         engine = self._engines.get(stage)
         if engine is None:
             raise EngineUnavailable("this runtime is closed")
-        limits = [m for m in (engine.max_batch, self._max_batch) if m is not None]
-        batch = next(iter(inputs.values())).shape[0]
-        step = min(limits) if limits else batch
-        parts = [engine.run({k: v[i : i + step] for k, v in inputs.items()}) for i in range(0, batch, step)]
-        return {k: torch.cat([p[k] for p in parts]).to(self._device) for k in parts[0]}
+        return engine
 
     def close(self) -> None:
         """Free every engine and the embedding cache."""
@@ -185,13 +210,16 @@ class Runtime:
         self.close()
 
 
-def _candidates(infos: dict[str, StageInfo], device: torch.device) -> list[str]:
-    """The backends of `AUTO_ORDER`, best first, whose artifacts exist for every stage and that can run on `device`."""
+def _candidates(infos: dict[str, StageInfo], device: torch.device, pinned: bool) -> list[str]:
+    """The backends of `AUTO_ORDER`, best first, whose artifacts exist for every stage and that can run on `device`;
+    for a folder that is not `pinned`, only those whose artifacts are data."""
     found = []
     for backend in AUTO_ORDER:
         try:
             cls = engine_class(backend)
         except EngineUnavailable:
+            continue
+        if not pinned and cls.artifact not in DATA_ARTIFACTS:
             continue
         if all(cls.artifact in i.files for i in infos.values()):
             if cls.availability(device) is None and _traced_for(infos, backend, device):

@@ -174,5 +174,164 @@ def test_auto_falls_back_when_an_engine_cannot_open(folder, monkeypatch):
         raise EngineUnavailable("built for another machine")
 
     monkeypatch.setattr(OnnxRuntimeEngine, "__init__", refuse)
-    with Runtime.load(folder, "auto", "cpu") as rt:
+    with Runtime.load(folder, "auto", "cpu") as rt:  # the folder is not pinned: TorchScript (a program) is passed over
+        assert rt.backend == "eager"
+
+
+# Artifact folders as a trust boundary, input types shared with EditPipeline, bounded chunks, presets vs folders.
+
+
+def _copy(folder, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def _rewrite_manifest(copy, change):
+    import json
+
+    path = copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_stage_paths_outside_the_folder_or_unlisted_are_refused(folder, tmp_path):
+    copy = _copy(folder, tmp_path)
+    outside = tmp_path / "outside.pt"
+    outside.write_bytes((copy / "torchscript" / "mapper.pt").read_bytes())
+    (copy / "torchscript" / "spare.pt").write_bytes(outside.read_bytes())
+    for path, fragment in ((str(outside), "outside"), ("../outside.pt", "outside"), ("torchscript/spare.pt", "not listed")):
+        _rewrite_manifest(copy, lambda m: m["stages"]["mapper"]["files"].update(torchscript=path))
+        with pytest.raises(ArtifactError, match=fragment):
+            Runtime.load(copy, "torchscript", "cpu")
+    _rewrite_manifest(copy, lambda m: m["stages"]["mapper"]["files"].update(torchscript="torchscript/mapper.pt"))
+    # a listed name that is a symlink to identical bytes outside the folder
+    (copy / "torchscript" / "mapper.pt").unlink()
+    (copy / "torchscript" / "mapper.pt").symlink_to(outside)
+    for backend in ("torchscript", "auto"):  # a listed file is checked whichever backend is asked for
+        with pytest.raises(ArtifactError, match="outside"):
+            Runtime.load(copy, backend, "cpu")
+
+
+def test_the_bytes_loaded_are_the_bytes_checked(folder, tmp_path, monkeypatch):
+    import ffclip.runtime as runtime_module
+
+    copy = _copy(folder, tmp_path)
+    real = runtime_module.read_manifest
+
+    def read_then_swap(*args, **kwargs):
+        manifest = real(*args, **kwargs)
+        for fmt in ("torchscript/mapper.pt", "onnx/mapper.onnx", "mapper.safetensors"):
+            (copy / fmt).write_bytes((copy / fmt.replace("mapper", "generator")).read_bytes())
+        return manifest
+
+    monkeypatch.setattr(runtime_module, "read_manifest", read_then_swap)
+    for backend in BACKENDS:
+        with pytest.raises(ArtifactError, match="mapper.*changed since"):
+            Runtime.load(copy, backend, "cpu")
+
+
+def test_pinned_and_unpinned_folders(folder, tmp_path):
+    import hashlib
+
+    copy = _copy(folder, tmp_path)
+    # without ONNX files, auto must not pick the TorchScript archives (programs) of a folder that is not pinned
+    _rewrite_manifest(copy, lambda m: [s["files"].pop("onnx") for s in m["stages"].values()])
+    pin = hashlib.sha256((copy / "manifest.json").read_bytes()).hexdigest()
+    with Runtime.load(copy, "auto", "cpu") as rt:
+        assert rt.backend == "eager"
+    with Runtime.load(copy, "auto", "cpu", expected_sha256=pin) as rt:
         assert rt.backend == "torchscript"
+    with Runtime.load(copy, "torchscript", "cpu") as rt:  # an explicit backend is the caller's choice
+        assert rt.backend == "torchscript"
+    with pytest.raises(ArtifactError, match="sha256"):
+        Runtime.load(copy, "auto", "cpu", expected_sha256="0" * 64)
+
+
+def test_onnx_external_data_outside_the_folder_is_refused_and_auto_falls_back(folder, tmp_path):
+    import hashlib
+
+    import onnx
+
+    copy = _copy(folder, tmp_path)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 4096)
+    model = onnx.load(str(copy / "onnx" / "text_encoder.onnx"))
+    init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    init.ClearField("raw_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    init.external_data.add(key="location", value="../../secret.bin")
+    (copy / "onnx" / "text_encoder.onnx").write_bytes(model.SerializeToString())
+    digest = hashlib.sha256((copy / "onnx" / "text_encoder.onnx").read_bytes()).hexdigest()
+    _rewrite_manifest(copy, lambda m: m["files"].update({"onnx/text_encoder.onnx": digest}))
+    with pytest.raises(ArtifactError, match="text_encoder.onnx.*outside"):
+        Runtime.load(copy, "onnxruntime", "cpu")
+    with Runtime.load(copy, "auto", "cpu") as rt:
+        assert rt.backend == "eager"
+
+
+def test_runtime_and_pipeline_take_the_same_inputs(folder, runtimes):
+    import numpy as np
+
+    from ffclip.pipeline import EditPipeline
+
+    pipe = EditPipeline(*(load_module(folder / f"{s}.safetensors") for s in ("text_encoder", "mapper", "generator")))
+    w = _latents(2)
+    flipped = np.ascontiguousarray(w.numpy()[::-1])[::-1]  # negative strides
+    assert flipped.strides[0] < 0
+    grad = w.clone().requires_grad_(True)
+    for stages in (pipe, runtimes["onnxruntime"], runtimes["eager"]):
+        assert stages.encode_text("curly hair").shape == (1, 512)
+        e = stages.encode_text(["curly hair"]).numpy()
+        for latents in (flipped, grad, w):
+            assert stages.modulate(latents, e).shape == w.shape
+            assert stages.modulate(latents, e[0]).shape == w.shape
+            assert stages.synthesize(latents).shape == (2, 3, 32, 32)
+        images = stages.edit(grad, "curly hair")
+        assert images.shape == (2, 32, 32, 3) and images.dtype == torch.uint8
+        with pytest.raises(InputError, match="prompt"):
+            stages.edit(w, [3])
+
+
+def test_large_batches_run_in_chunks_within_the_memory_budget(folder, runtimes):
+    w = _latents(7)
+    with Runtime.load(folder, "onnxruntime", "cpu", memory_budget_mib=0.001) as small:
+        rows = small.chunk_rows("generator")
+        assert rows >= 1
+        seen = []
+        engine = small._engines["generator"]
+        real = engine.run
+        engine.run = lambda inputs: seen.append(inputs["w"].shape[0]) or real(inputs)
+        assert torch.allclose(small.synthesize(w), runtimes["onnxruntime"].synthesize(w), atol=1e-5)
+        assert max(seen) == rows < 7 and sum(seen) == 7
+    assert runtimes["onnxruntime"].chunk_rows("generator") >= 4
+
+
+def test_a_preset_that_contradicts_the_folder_is_refused(folder, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from ffclip.cli import main
+
+    for command in (["ffclip", "edit", "--prompt", "x", "--out", str(tmp_path / "a.png")], ["ffclip", "bench"]):
+        monkeypatch.setattr(sys, "argv", [*command, "--artifacts", str(folder), "--preset", "ffhq-1024",
+                                          "--device", "cpu"])
+        with pytest.raises(SystemExit) as info:
+            main()
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "tiny" in err and "ffhq-1024" in err and "Traceback" not in err
+
+
+def test_bench_measures_what_a_reduced_precision_folder_holds_on_the_cpu(folder, tmp_path):
+    from ffclip.benchmarks.runner import Benchmark, Settings
+
+    copy = _copy(folder, tmp_path)
+    _rewrite_manifest(copy, lambda m: m.update(precision="fp16"))
+    settings = Settings(preset="tiny", device="cpu", stages=("mapper",), backends=("onnxruntime", "torchscript"),
+                        batches=(1,), precisions=("fp32",), warmup=0, iters=1, budget_s=0.0, artifacts=copy)
+    bench = Benchmark(settings)
+    assert bench._source("onnxruntime", "fp32", {}) == copy
+    assert bench._source("torchscript", "fp32", {}) == copy

@@ -7,7 +7,9 @@ and exit with status 2; nothing reaches the user as a traceback.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 import warnings
 
 import click
@@ -57,17 +59,30 @@ def cli() -> None:
     """FFCLIP: free-form text-driven StyleGAN2 image editing."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds (and cleans up) as on Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def _run(command: click.Command, prog_name: str) -> None:
     def show_warning(message, category, filename, lineno, file=None, line=None):
         click.echo(f"{prog_name}: warning: {message}", err=True)
 
     warnings.showwarning = show_warning
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         command.main(prog_name=prog_name, standalone_mode=False)
     except FfclipError as exc:
         click.echo(f"{prog_name}: error: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (Terminated, click.exceptions.Abort) as exc:
+        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
+            click.echo(f"{prog_name}: terminated", err=True)
+            sys.exit(128 + signal.SIGTERM)
         click.echo(f"{prog_name}: aborted", err=True)
         sys.exit(130)
     except click.exceptions.Exit as exc:

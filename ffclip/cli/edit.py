@@ -8,7 +8,8 @@ import click
 import torch
 
 from ..errors import InputError
-from .options import StageSources, stage_options
+from ..outputs import check_output_file
+from .options import StageSources, folder_preset, stage_options
 
 
 def _say(message: str) -> None:
@@ -76,6 +77,7 @@ def edit(
 
     if out.suffix.lower() != ".png":
         raise InputError(f"--out {out}: the grid is a PNG; give a file name ending in .png")
+    check_output_file(out, "--out")
     check_strength(strength, 1)
     stages = _open_stages(sources, resolve_device(device), artifacts, backend)
     w = load_latents(latents, stages.num_ws) if latents else stages.sample_latents(num, seed, truncation)
@@ -114,6 +116,7 @@ def _open_stages(sources: StageSources, device: torch.device, artifacts: Path | 
     if not sources.is_embedded_default:
         raise InputError("--generator/--mapper/--clip do not apply with --artifacts: the folder holds its own weights; "
                          "re-export it with ffclip-export to serve other checkpoints")
+    folder_preset(artifacts, sources.preset, sources.preset_given)
     runtime = Runtime.load(artifacts, backend=backend, device=device)
     _say(f"serving from {artifacts} with the {runtime.backend} backend")
     return runtime

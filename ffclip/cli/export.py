@@ -14,7 +14,9 @@ from .options import StageSources, stage_options
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="TensorRT build precision (and TorchScript compute precision on CUDA); bf16 where TensorRT allows.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Artifact folder (default artifacts/<preset>); replaced atomically.")
+              help="Artifact folder (default artifacts/export/<preset>); replaced atomically, and only when it is an "
+                   "artifact folder (see --force).")
+@click.option("--force", is_flag=True, help="Replace --out even when it holds other files than an artifact folder's.")
 @click.option("--formats", default="onnx,torchscript,tensorrt,openvino", show_default=True,
               help="Comma-separated formats; those this machine cannot build are reported as skipped.")
 @click.option("--min-batch", type=int, default=1, show_default=True)
@@ -22,15 +24,15 @@ from .options import StageSources, stage_options
 @click.option("--max-batch", type=int, default=16, show_default=True)
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
 @click.option("--device", default="auto", show_default=True, help="Export device: cpu, cuda, cuda:N or auto.")
-def export(sources: StageSources, precision: str, out: Path | None, formats: str, min_batch: int, opt_batch: int,
-           max_batch: int, opset: int, device: str) -> None:
+def export(sources: StageSources, precision: str, out: Path | None, force: bool, formats: str, min_batch: int,
+           opt_batch: int, max_batch: int, opset: int, device: str) -> None:
     """Export the three stages to an artifact folder and check each file against eager PyTorch."""
     from rich.console import Console
     from rich.table import Table
 
     from ..config import get_preset
     from ..devices import resolve_device
-    from ..export.exporter import ExportFailed, ExportOptions, export_artifacts
+    from ..export.exporter import ExportFailed, ExportOptions, check_replaceable, export_artifacts
     from ..export.manifest import sha256
 
     console = Console(stderr=True)
@@ -43,7 +45,8 @@ def export(sources: StageSources, precision: str, out: Path | None, formats: str
         opset=opset,
         device=resolve_device(device),
     )
-    out = out or Path("artifacts") / sources.preset
+    out = out or Path("artifacts") / "export" / sources.preset
+    check_replaceable(out, force)
     seed = get_preset(sources.preset).seed
     # (file, seed of the embedded default) per stage; the seed offsets are those of ffclip.factory.build_preset
     origin = {"text_encoder": (sources.clip, seed), "mapper": (sources.mapper, seed + 1),
@@ -61,7 +64,7 @@ def export(sources: StageSources, precision: str, out: Path | None, formats: str
     modules = sources.load("cpu")
     try:
         report = export_artifacts(modules, out, options, preset=sources.preset, sources=described,
-                                  progress=lambda message: console.print(f"  {message}"))
+                                  progress=lambda message: console.print(f"  {message}"), force=force)
     except ExportFailed as exc:
         _summary(console, Table, exc.report.outcomes)
         raise
@@ -69,6 +72,8 @@ def export(sources: StageSources, precision: str, out: Path | None, formats: str
     click.echo(f"wrote {out}")
 
 
+    click.echo(f"manifest sha256 {report.manifest_sha256} (pin the folder with Runtime.load(..., "
+               "expected_sha256=...))")
 def _summary(console, table_cls, outcomes) -> None:
     table = table_cls(title="export")
     for column in ("stage", "format", "result", "seconds", "detail"):

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..config import PRESETS
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class StageSources:
     clip: Path | None
     clip_model: str | None
     preset: str
+    preset_given: bool = False  # --preset was on the command line (not its default)
 
     @property
     def is_embedded_default(self) -> bool:
@@ -63,8 +65,26 @@ def stage_options(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(generator, mapper, clip, clip_model, preset, **kwargs):
-        return command(sources=StageSources(generator, mapper, clip, clip_model, preset), **kwargs)
+        given = preset_given()
+        return command(sources=StageSources(generator, mapper, clip, clip_model, preset, given), **kwargs)
 
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
+
+
+def preset_given() -> bool:
+    """Whether the running command's --preset was given rather than left at its default."""
+    source = click.get_current_context().get_parameter_source("preset")
+    return source not in (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+
+
+def folder_preset(folder: Path, preset: str, given: bool) -> str:
+    """The preset an artifact folder was exported from; a --preset `given` that says otherwise is refused."""
+    from ..export.manifest import read_manifest
+
+    exported = read_manifest(folder, verify=False).get("preset")
+    if given and exported != preset:
+        raise InputError(f"--preset {preset} contradicts --artifacts {folder}, which was exported from preset "
+                         f"{exported}; leave --preset out (the folder decides) or export that preset")
+    return str(exported)
