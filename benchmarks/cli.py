@@ -81,14 +81,20 @@ def _compare(paths: tuple[Path, Path]) -> None:
               help="Output folder [default: artifacts/bench/<preset>-<device>-<time>].")
 @click.option("--compare", "compare_paths", nargs=2, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, metavar="A.json B.json", help="Print B/A median-latency ratios of two runs and exit.")
+@click.option("--serve", "serve_load", is_flag=True,
+              help="Load-test `ffclip serve` instead: 8 clients, 48 edits per server, batching against one request at "
+                   "a time on 1 and 2 replicas, then 200 simultaneous edits.")
 def bench(preset: str, artifacts: Path | None, backends: str, stages: str, batch: str | None, precision: str,
           warmup: int | None, iters: int | None, budget: float, threads: int | None, device: str, out: Path | None,
-          compare_paths: tuple[Path, Path] | None) -> None:
+          compare_paths: tuple[Path, Path] | None, serve_load: bool) -> None:
     """Compare backends on every stage: median/p90/p99 latency, throughput, peak memory and the error against
     eager fp32 on the same inputs. Each backend runs in its own process. Writes results.json, results.md and
     latency.png."""
     if compare_paths:
         _compare(compare_paths)
+        return
+    if serve_load:
+        _serve_load(preset, artifacts, out)
         return
     resolved = resolve_device(device)
     cuda = resolved.type == "cuda"
@@ -111,6 +117,18 @@ def bench(preset: str, artifacts: Path | None, backends: str, stages: str, batch
     out = out or Path("artifacts") / "bench" / f"{preset}-{resolved.type}-{stamp}"
     check_output_folder(out, "--out")
     run(settings, out)
+
+
+def _serve_load(preset: str, artifacts: Path | None, out: Path | None) -> None:
+    from ffclip.cli.options import StageSources
+
+    from .serve_load import Plan, markdown, run_load
+
+    out = out or Path("artifacts") / "bench" / f"serve-{preset}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    results = run_load(StageSources(None, None, None, None, preset), artifacts, "auto", Plan(), out,
+                       lambda message: click.echo(message, err=True))
+    click.echo(markdown(results))
+    click.echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")
 
 
 Start = Callable[[int], None]

@@ -32,7 +32,8 @@ def check_strength(strength: float | Sequence[float] | torch.Tensor, batch: int)
     return None if bool((s == 1).all()) else s
 
 
-def apply_strength(w: torch.Tensor, w_edit: torch.Tensor, strength: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
+def apply_strength(w: torch.Tensor, w_edit: torch.Tensor,
+                   strength: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
     """`w + s * (w_edit - w)` for latents `[B, L, D]`; strength 1 returns `w_edit` itself, bit for bit."""
     s = check_strength(strength, w.shape[0])
     if s is None:

@@ -68,8 +68,7 @@ def url(bundles):
         serve.run(build_app(config), name="ffclip", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # stops every process of this local instance, Serve's included
 
 
 def call(url: str, path: str, body=None) -> tuple[int, dict, bytes]:
@@ -185,6 +184,46 @@ def test_metrics_count_requests_latency_batches_and_queue(url):
     assert samples[("ffclip_queue_depth", ())] == 0
 
 
+def test_batch_runner_merges_what_waits_and_keeps_order():
+    import asyncio
+    import threading
+
+    from ffclip.serve.editor import BatchRunner
+
+    release, calls = threading.Event(), []
+
+    def work(items):
+        calls.append(list(items))
+        if len(calls) == 1:
+            release.wait(10)
+        if "bad" in items:
+            raise ValueError("bad item")
+        return [item.upper() for item in items]
+
+    async def scenario():
+        runner = BatchRunner(work, max_batch=3)
+        first = runner.submit(["a"])
+        await asyncio.sleep(0.05)  # "a" is running; the next five wait and go in calls of at most 3
+        later = runner.submit(["b", "c"]) + runner.submit(["d", "e", "f"])
+        release.set()
+        done = await asyncio.gather(*first, *later)
+        failed = await asyncio.gather(*runner.submit(["bad"]), return_exceptions=True)
+        return done, failed
+
+    done, failed = asyncio.run(scenario())
+    assert calls == [["a"], ["b", "c", "d"], ["e", "f"], ["bad"]]
+    assert done == [("A", 1), ("B", 3), ("C", 3), ("D", 3), ("E", 2), ("F", 2)]
+    assert isinstance(failed[0], ValueError)
+
+
+def test_load_test_driver_counts_answers_and_batches(url):
+    from ffclip.benchmarks.serve_load import drive
+
+    row = drive(url, requests=6, clients=3)
+    assert row["ok"] == 6 and row["errors"] == 0
+    assert 1 <= row["mean_batch"] <= row["max_batch_seen"] <= MAX_BATCH and row["p50_ms"] <= row["p99_ms"]
+
+
 def test_cli_refuses_a_busy_port_in_one_line(monkeypatch, capsys):
     from ffclip.cli import main
 
@@ -196,7 +235,8 @@ def test_cli_refuses_a_busy_port_in_one_line(monkeypatch, capsys):
             main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
-    assert err.strip().splitlines()[-1].startswith("ffclip: error: cannot listen on 127.0.0.1") and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("ffclip: error: cannot listen on 127.0.0.1")
+    assert "Traceback" not in err
 
 
 CHROMIUM = "/usr/bin/chromium"

@@ -76,4 +76,5 @@ def test_cli_strength(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main()
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.strip().splitlines()[-1] == "ffclip: error: strength must be a finite number, got nan"
+    assert exit_.value.code == 2
+    assert err.strip().splitlines()[-1] == "ffclip: error: strength must be a finite number, got nan"

@@ -18,7 +18,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from ..errors import InputError, summarize
-from .editor import Editor, EditRequest, ServeConfig
+from .editor import BatchRunner, Editor, EditRequest, ServeConfig
 from .metrics import CONTENT_TYPE, Metrics
 from .requests import parse_edit, parse_prompts
 
@@ -31,12 +31,13 @@ api = FastAPI(title="ffclip", docs_url=None, redoc_url=None, openapi_url=None)
 
 @serve.deployment
 class EditorReplica:
-    """One `Editor`; edits from all callers are gathered into batches."""
+    """One `Editor`; edits from all callers are gathered into batches (`serve.batch`), run one batch at a time."""
 
     def __init__(self, config: ServeConfig):
         self.editor = Editor(config)
-        self.edit.set_max_batch_size(config.max_batch)
-        self.edit.set_batch_wait_timeout_s(config.batch_wait_s)
+        self._gather.set_max_batch_size(config.max_batch)
+        self._gather.set_batch_wait_timeout_s(config.batch_wait_s)
+        self.runner = BatchRunner(self.editor.edit, config.max_batch)
 
     def info(self) -> dict:
         return self.editor.info()
@@ -44,10 +45,15 @@ class EditorReplica:
     async def encode(self, prompts: list[str]) -> list[list[float]]:
         return (await asyncio.to_thread(self.editor.encode, prompts)).tolist()
 
+    async def edit(self, request: EditRequest) -> tuple[bytes, int]:
+        """The PNG of one edit and the size of the batch it ran in."""
+        return await (await self._gather(request))
+
+    # Ray Serve closes a batch a few ms after its first request, even while the previous batch still runs; under
+    # load that makes many small batches. They are handed to the runner at once, which merges those that wait.
     @serve.batch
-    async def edit(self, requests: list[EditRequest]) -> list[tuple[bytes, int]]:
-        pngs = await asyncio.to_thread(self.editor.edit, requests)
-        return [(p, len(requests)) for p in pngs]
+    async def _gather(self, requests: list[EditRequest]) -> list[asyncio.Future]:
+        return self.runner.submit(requests)
 
 
 def _error(code: int, message: str, **headers: str) -> JSONResponse:

@@ -36,12 +36,12 @@ def _say(message: str) -> None:
               help="Edits that may wait beyond those the replicas hold; past that, 503 with Retry-After.")
 @click.option("--num-cpus", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
               help="Ray CPUs reserved by each replica.")
-@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="PyTorch threads in each replica.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="PyTorch threads in each replica [default: its --num-cpus, rounded down, at least 1].")
 @click.option("--address", default=None,
               help="Join this Ray cluster (ray://host:port, or auto) instead of starting a local one.")
 def serve(sources: StageSources, artifacts: Path | None, backend: str, device: str, host: str, port: int,
-          replicas: int, max_batch: int, queue: int, num_cpus: float, threads: int, address: str | None) -> None:
+          replicas: int, max_batch: int, queue: int, num_cpus: float, threads: int | None, address: str | None) -> None:
     """Serve edits over HTTP on Ray Serve, with a web editor at /."""
     if artifacts is not None and not sources.is_embedded_default:
         raise InputError("--generator/--mapper/--clip do not apply with --artifacts: the folder holds its own weights")
@@ -52,7 +52,8 @@ def serve(sources: StageSources, artifacts: Path | None, backend: str, device: s
     if address is None:
         _check_port(host, port)
     config = ServeConfig(sources=sources, artifacts=artifacts, backend=backend, device=device, replicas=replicas,
-                         max_batch=max_batch, queue=queue, num_cpus=num_cpus, threads=threads)
+                         max_batch=max_batch, queue=queue, num_cpus=num_cpus,
+                         threads=threads or max(1, int(num_cpus)))
     ray, serve_api = _import_ray()
     from .app import build_app
 
@@ -93,4 +94,5 @@ def _check_port(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise InputError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port or --host") from None
+            raise InputError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port or --host") \
+                from None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ class ServeConfig:
     batch_wait_s: float = 0.005
     queue: int = 32
     num_cpus: float = 1.0
-    threads: int = 1
+    threads: int | None = None  # None: what Ray gives the replica (its num_cpus)
     cache_size: int = 1024
     retry_after_s: int = 1
 
@@ -42,7 +44,8 @@ class Editor:
     """The stages of one replica, an embedding cache shared by all its requests, and the batch edit."""
 
     def __init__(self, config: ServeConfig):
-        torch.set_num_threads(config.threads)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         device = resolve_device(config.device)
         if config.artifacts is None:
             from ..pipeline import EditPipeline
@@ -97,6 +100,39 @@ class Editor:
             w_edit = apply_strength(w, self.stages.modulate(w, e), strength)
             images = to_uint8(self.stages.synthesize(w_edit))
         return [png(image) for image in images.numpy()]
+
+
+class BatchRunner:
+    """Runs `work` (a list of items -> one result per item) in a worker thread, one call at a time and on at most
+    `max_batch` items per call; items submitted while a call runs are taken together by the next call, first come
+    first served. Each item's future gets `(result, size of the call it ran in)`."""
+
+    def __init__(self, work: Callable[[list], list], max_batch: int):
+        self._work = work
+        self._max_batch = max_batch
+        self._waiting: list[tuple[object, asyncio.Future]] = []
+        self._drain: asyncio.Task | None = None
+
+    def submit(self, items: Sequence) -> list[asyncio.Future]:
+        """Queue `items`; call from the event loop that will await the futures."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        self._waiting.extend(zip(items, futures))
+        if self._drain is None or self._drain.done():
+            self._drain = loop.create_task(self._run_all())
+        return futures
+
+    async def _run_all(self) -> None:
+        while self._waiting:
+            taken, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
+            try:
+                results = await asyncio.to_thread(self._work, [item for item, _ in taken])
+            except Exception as exc:
+                for _, future in taken:
+                    future.set_exception(exc)
+            else:
+                for (_, future), result in zip(taken, results):
+                    future.set_result((result, len(taken)))
 
 
 def png(image: np.ndarray) -> bytes:
