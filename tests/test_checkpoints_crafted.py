@@ -142,19 +142,25 @@ def test_big_endian_zip_reads_back(tmp_path, checkpoint):
 
 
 @pytest.mark.parametrize(
-    ("config", "phrase"),
+    ("kind", "config", "phrase"),
     [
-        ({"num_ws": 18, "dim": 2**22, "num_blocks": 4}, "dim"),
-        ({"num_ws": -1, "dim": 8, "num_blocks": 1}, "num_ws"),
-        ({"num_ws": 4, "dim": 8, "num_blocks": 10**9}, "num_blocks"),
-        ({"num_ws": 4, "dim": "8", "num_blocks": 1}, "dim"),
+        ("mapper", {"num_ws": 18, "dim": 2**22, "num_blocks": 4}, "dim"),
+        ("mapper", {"num_ws": -1, "dim": 8, "num_blocks": 1}, "num_ws"),
+        ("mapper", {"num_ws": 4, "dim": 8, "num_blocks": 10**9}, "num_blocks"),
+        ("mapper", {"num_ws": 4, "dim": "8", "num_blocks": 1}, "dim"),
+        ("generator", {"resolution": 2**20, "channels": {str(2**i): 8 for i in range(2, 21)}}, "resolution"),
+        ("generator", {"resolution": 8, "channels": {"4": 8, "8": 0}}, "channels[8]"),
+        ("text_encoder", {"model": "x", "text_cfg": {"width": 2**30, "layers": 1}, "vision_cfg": {}}, "width"),
+        ("text_encoder", {"model": "x", "text_cfg": {"hf_model_name": "some/model"}, "vision_cfg": {}}, "hub"),
     ],
 )
-def test_bundle_config_out_of_bounds(tmp_path, config, phrase):
-    path = tmp_path / "mapper.safetensors"
-    save_bundle(path, "mapper", config, {})
-    assert path.stat().st_size < 400
-    _refused(load_mapper, path, "unusable config", phrase)
+def test_bundle_config_out_of_bounds(tmp_path, kind, config, phrase):
+    from ffclip.checkpoints import load_module
+
+    path = tmp_path / f"{kind}.safetensors"
+    save_bundle(path, kind, config, {})
+    assert path.stat().st_size < 1024
+    _refused(load_module, path, "unusable config", phrase)
 
 
 def test_bundle_config_larger_than_its_tensors(tmp_path, monkeypatch):
