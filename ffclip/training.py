@@ -186,8 +186,10 @@ class MapperTrainer:
         path = Path(folder) / "train_state.pt"
         try:
             state = load_torch_file(path)
-            if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+            if not isinstance(state, dict) or state.get("format", "earlier") not in (TRAIN_STATE_FORMAT, "earlier"):
                 raise ValueError("it holds no ffclip training state")
+            if "format" not in state:
+                state.update(_mapper_of_an_earlier_save(Path(folder), state))
             saved = from_dict(MapperConfig, state["mapper_config"])
         except Exception as exc:  # a damaged, foreign or refused file can raise almost anything
             raise InputError(f"{path}: cannot resume from it ({summarize(exc)}); start again without --resume") from None
@@ -214,6 +216,20 @@ class MapperTrainer:
             if self.step % self.config.save_every == 0 or self.step == self.config.steps:
                 path = self.save(out)
         return path if path is not None else self.save(out)
+
+
+def _mapper_of_an_earlier_save(folder: Path, state: dict) -> dict:
+    """Earlier versions kept the mapper weights of a save only in `mapper.safetensors`, written before
+    `train_state.pt`; the pair is usable when both files are from the same step."""
+    from .checkpoints.bundle import load_bundle
+
+    bundle = load_bundle(folder / "mapper.safetensors", expect_kind="mapper")
+    if bundle.extra.get("trained_steps") != state.get("step"):
+        raise ValueError(
+            f"mapper.safetensors is from step {bundle.extra.get('trained_steps')} but train_state.pt from step "
+            f"{state.get('step')} (a save that an earlier version left half-written)"
+        )
+    return {"mapper_config": bundle.config, "mapper": bundle.state_dict}
 
 
 def plot_losses(history: Sequence[StepLosses], path: str | os.PathLike) -> Path:

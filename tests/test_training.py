@@ -127,6 +127,25 @@ def test_a_crash_during_a_save_leaves_a_step_that_resumes(tmp_path, monkeypatch)
     assert all(torch.equal(v, resumed.mapper.state_dict()[k]) for k, v in saved.state_dict().items())
 
 
+def test_resume_from_a_folder_an_earlier_version_wrote(tmp_path):
+    """Earlier saves: the mapper only in mapper.safetensors, train_state.pt without it; usable when the steps agree."""
+    trainer = tiny_trainer(steps=4)
+    trainer.step = 3
+    trainer.save(tmp_path)
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    for key in ("format", "mapper", "mapper_config"):
+        del state[key]
+    torch.save(state, tmp_path / "train_state.pt")
+    resumed = tiny_trainer(steps=4)
+    resumed.resume(tmp_path)
+    assert resumed.step == 3
+    assert all(torch.equal(v, resumed.mapper.state_dict()[k]) for k, v in trainer.mapper.state_dict().items())
+    state["step"] = 2
+    torch.save(state, tmp_path / "train_state.pt")
+    with pytest.raises(InputError, match="half-written"):
+        resumed.resume(tmp_path)
+
+
 def test_resume_refuses_a_damaged_state_in_one_line(tmp_path):
     trainer = tiny_trainer(steps=2)
     trainer.save(tmp_path)
