@@ -186,10 +186,12 @@ class MapperTrainer:
         path = Path(folder) / "train_state.pt"
         try:
             state = load_torch_file(path)
-            if not isinstance(state, dict) or state.get("format", "earlier") not in (TRAIN_STATE_FORMAT, "earlier"):
+            if not isinstance(state, dict) or "optimizer" not in state:
                 raise ValueError("it holds no ffclip training state")
             if "format" not in state:
                 state.update(_mapper_of_an_earlier_save(Path(folder), state))
+            elif state["format"] != TRAIN_STATE_FORMAT:
+                raise ValueError(f"a training state of format {state['format']!r}, not {TRAIN_STATE_FORMAT!r}")
             saved = from_dict(MapperConfig, state["mapper_config"])
         except Exception as exc:  # a damaged, foreign or refused file can raise almost anything
             raise InputError(f"{path}: cannot resume from it ({summarize(exc)}); start again without --resume") from None
