@@ -68,7 +68,9 @@ class OpenVinoEngine(StageEngine):
                     "re-export with --precision fp32"
                 )
         self._core = ov.Core()
-        self._model = self._core.read_model(str(stage.file(self.folder, self.artifact)))
+        weights = stage.entry.get("openvino", {}).get("weights", stage.files[self.artifact].removesuffix(".xml") + ".bin")
+        # from the checked bytes of the IR and its weights, not from the paths
+        self._model = self._core.read_model(stage.read(self.folder, self.artifact), stage.read_listed(self.folder, weights))
         self._threads = threads
         self._mode = mode
         self._compile_lock = threading.Lock()

@@ -51,9 +51,11 @@ def _running(pid: int) -> bool:
 def _ours(target: Path) -> Iterator[tuple[Path, int, str]]:
     """(path, pid, kind) of every temporary (`.tmp`) or set-aside (`.old`) folder `atomic_dir` made for `target`."""
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.(?:[^/]*\.(tmp)|(old))$")
-    if not target.parent.is_dir():
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:  # no parent folder, or one this process may not list: nothing of ours to find
         return
-    for entry in target.parent.iterdir():
+    for entry in entries:
         match = pattern.match(entry.name)
         if match and entry.is_dir() and not entry.is_symlink():
             yield entry, int(match.group(1)), match.group(2) or match.group(3)
@@ -61,13 +63,15 @@ def _ours(target: Path) -> Iterator[tuple[Path, int, str]]:
 
 def recover_dir(path: str | os.PathLike) -> None:
     """Undo what an interrupted `atomic_dir` left beside `path`: a set-aside older folder comes back when `path` is
-    missing, and the temporaries and set-aside folders of processes that no longer run are removed."""
+    missing, and the temporaries and set-aside folders of processes that no longer run are removed. Best effort: a
+    folder this process may not change is left as it is."""
     target = Path(path)
     stale = [(entry, kind) for entry, pid, kind in _ours(target) if not _running(pid)]
     if not target.exists():
         for entry, kind in stale:
             if kind == "old":
-                os.replace(entry, target)
+                with contextlib.suppress(OSError):
+                    os.replace(entry, target)
                 break
     for entry, _ in stale:
         if entry.exists():
