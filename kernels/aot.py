@@ -249,10 +249,12 @@ def _compiler_settings() -> Iterator[None]:
             knobs.cache.dir, knobs.nvidia.dump_ptxas_log = saved
 
 
-def compile_all(archs: list[str], dtypes: list[str], progress: Callable[[Row, int, int], None] | None = None) -> list[Row]:
-    """Every launch of every case, in every configuration, for every architecture and dtype."""
+def compile_all(archs: list[str], dtypes: list[str], cases: list[str] | None = None,
+                progress: Callable[[Row, int, int], None] | None = None) -> list[Row]:
+    """Every launch of every case (or of `cases`), in every configuration, for every architecture and dtype."""
+    chosen = {name: CASES[name] for name in cases or CASES}
     work = [(arch, dtype, launch, config)
-            for dtype in dtypes for launch in launches(DTYPES[dtype])
+            for dtype in dtypes for launch in launches(DTYPES[dtype], chosen)
             for arch in archs for config in launch.configs]
     rows = []
     with _compiler_settings():
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", action="append", choices=sorted(ARCHS), help="target architecture (repeatable)")
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES),
                         help=f"element type (repeatable; default {' and '.join(DEFAULT_DTYPES)})")
+    parser.add_argument("--case", action="append", choices=sorted(CASES), help="only these cases (repeatable; default all)")
     parser.add_argument("--out", required=True, help="JSON report to write")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -290,13 +293,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{done}/{total}] {_line(row)}", file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    rows = compile_all(archs, dtypes, progress)
+    rows = compile_all(archs, dtypes, args.case, progress)
     import triton
 
     report = {
         "triton": triton.__version__,
         "archs": archs,
         "dtypes": dtypes,
+        "cases": args.case or sorted(CASES),
         "seconds": round(time.perf_counter() - start, 1),
         "passed": all(r.passed for r in rows),
         "rows": [dataclasses.asdict(r) for r in rows],

@@ -10,12 +10,15 @@ innermost per output channel (any strided view of the `[Cout, Cin, k, k]` tensor
 The style multiplies the weight tile in registers rather than the input tile: the tile belongs to one sample, so
 `W[:, ci] * s[ci]` is the same product as scaling input channel `ci`, at `BLOCK_K x BLOCK_N` instead of
 `BLOCK_M x BLOCK_K` multiplies. Demodulation coefficients `rsqrt(styles^2 @ sum_k(W^2)^T + 1e-8)` are computed
-inside the kernel for the program's output channels; the epilogue then adds `noise * noise_strength`, the bias,
-leaky ReLU 0.2 times `gain`, and an optional residual (the RGB skip), and stores once. Accumulation is fp32.
+inside the kernel for the program's output channels before the main loop, as one `[BLOCK_N]` vector (a larger
+partial sum beside the accumulator made every large tile spill); the epilogue then adds `noise * noise_strength`, the
+bias, leaky ReLU 0.2 times `gain`, and an optional residual (the RGB skip), and stores once. Accumulation is fp32.
 
 Upsampling layers: the stride-2 transposed convolution (input scaled by the style) and the [1,3,3,1] blur stay with
 cuDNN; the same kernel, without its GEMM, then applies the demodulation (it commutes with the blur, both being
-linear per channel), noise, bias and activation in one pass.
+linear per channel), noise, bias and activation in one pass. Exact fp32 layers take the same route through a plain
+cuDNN convolution: an IEEE fp32 GEMM runs on the FMA units and spills at every useful tile size, so the kernel
+multiplies fp32 only as TF32, on request.
 """
 
 from __future__ import annotations
@@ -35,17 +38,22 @@ Activation = Literal["lrelu"] | None
 @triton.jit
 def _demodulation(w_ptr, s_ptr, b, offs_n, mask_n, C_IN, sw_o, sw_i, sw_h, sw_w, ss_b, ss_c,
                   KSIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """`rsqrt(sum_{ci,taps} (s[b,ci] W[n,ci,tap])^2 + 1e-8)` for the output channels `offs_n`."""
-    total = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    """`rsqrt(sum_{ci,taps} (s[b,ci] W[n,ci,tap])^2 + 1e-8)` for the output channels `offs_n`.
+
+    Each `BLOCK_K` slice of input channels is reduced to `[BLOCK_N]` at once, so only that vector stays live.
+    """
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for c0 in range(0, C_IN, BLOCK_K):
         offs_k = c0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C_IN
         s = tl.load(s_ptr + b * ss_b + offs_k * ss_c, mask=mask_k, other=0.0).to(tl.float32)
+        w_sq = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         for tap in tl.static_range(KSIZE * KSIZE):
             w = tl.load(w_ptr + offs_n[None, :] * sw_o + offs_k[:, None] * sw_i + (tap // KSIZE) * sw_h + (tap % KSIZE) * sw_w,
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            total += w * w * (s * s)[:, None]
-    return tl.rsqrt(tl.sum(total, axis=0) + 1e-8)
+            w_sq += w * w
+        total += tl.sum(w_sq * (s * s)[:, None], axis=0)
+    return tl.rsqrt(total + 1e-8)
 
 
 @triton.jit
@@ -69,6 +77,10 @@ def _modconv_kernel(
     oh = offs_m // W_OUT
     ow = offs_m % W_OUT
     mask = mask_m[:, None] & mask_n[None, :]
+    # Before the main loop, so that only a [BLOCK_N] vector lives beside the accumulator.
+    if DEMOD:
+        demod = _demodulation(w_ptr, s_ptr, b, offs_n, mask_n, C_IN, sw_o, sw_i, sw_h, sw_w, ss_b, ss_c,
+                              KSIZE, BLOCK_K, BLOCK_N)
 
     if CONV:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -81,17 +93,17 @@ def _modconv_kernel(
             for c0 in range(0, C_IN, BLOCK_K):
                 offs_k = c0 + tl.arange(0, BLOCK_K)
                 mask_k = offs_k < C_IN
-                s = tl.load(s_ptr + b * ss_b + offs_k * ss_c, mask=mask_k, other=0.0).to(tl.float32)
                 a = tl.load(x_tap + offs_k[None, :] * sx_c, mask=inside[:, None] & mask_k[None, :], other=0.0)
-                w = tl.load(w_tap + offs_k[:, None] * sw_i, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-                acc = tl.dot(a, (w * s[:, None]).to(a.dtype), acc, input_precision=PRECISION)
+                # in the operand dtype: a 16-bit product is exact in fp32, so rounding it once gives the same operand
+                s = tl.load(s_ptr + b * ss_b + offs_k * ss_c, mask=mask_k, other=0.0).to(a.dtype)
+                w = tl.load(w_tap + offs_k[:, None] * sw_i, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(a.dtype)
+                acc = tl.dot(a, w * s[:, None], acc, input_precision=PRECISION)
     else:
         acc = tl.load(x_ptr + b * sx_b + offs_n[None, :] * sx_c + oh[:, None] * sx_h + ow[:, None] * sx_w,
                       mask=mask, other=0.0).to(tl.float32)
 
     if DEMOD:
-        acc = acc * _demodulation(w_ptr, s_ptr, b, offs_n, mask_n, C_IN, sw_o, sw_i, sw_h, sw_w, ss_b, ss_c,
-                                  KSIZE, BLOCK_K, BLOCK_N)[None, :]
+        acc = acc * demod[None, :]
     if HAS_NOISE:
         noise = tl.load(noise_ptr + b * sn_b + oh * sn_h + ow * sn_w, mask=mask_m, other=0.0).to(tl.float32)
         acc = acc + (noise * tl.load(strength_ptr).to(tl.float32))[:, None]
@@ -109,6 +121,7 @@ def _modconv_kernel(
 
 _KEY = ["C_IN", "C_OUT", "H_OUT", "W_OUT", "KSIZE", "CONV"]
 _launch_conv = _config.launcher(_modconv_kernel, "modconv", _config.MODCONV_CONFIGS, _KEY)
+_launch_tf32 = _config.launcher(_modconv_kernel, "modconv", _config.MODCONV_TF32_CONFIGS, _KEY)
 _launch_epilogue = _config.launcher(_modconv_kernel, "epilogue", _config.EPILOGUE_CONFIGS, _KEY)
 
 
@@ -141,7 +154,9 @@ def modulated_conv2d(
     `x [B,Cin,H,W]`, `weight [Cout,Cin,k,k]` (odd k, same padding), `styles [B,Cin]` (every gain included).
     `noise` broadcasts to `[B,1,H,W]`; `activation="lrelu"` is leaky ReLU 0.2 times `gain`; `residual [B,Cout,H,W]`
     is added last. With `up`, the stride-2 transposed convolution and the FIR blur `fir` (default [1,3,3,1]) run in
-    PyTorch and the kernel does the rest. fp32 multiplies exactly unless `tf32`; fp16/bf16 accumulate in fp32.
+    PyTorch and the kernel does the rest. fp16/bf16 multiply in the kernel and accumulate in fp32. fp32 convolves
+    exactly in cuDNN (TF32 off) before the kernel's epilogue, unless `tf32`: the kernel then multiplies TF32 blocks
+    (10-bit mantissas, fp32 accumulation: a relative error near 1e-3, as fp16 inputs give).
     `out` receives the result when given; `config` fixes the tile sizes instead of autotuning.
     """
     _config.check_device(x, weight, styles)
@@ -149,12 +164,16 @@ def modulated_conv2d(
     c_out = weight.shape[0]
     if x.shape[1] != c_in or styles.shape != (batch, c_in) or weight.shape[2] != ksize or ksize % 2 == 0:
         raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)}, styles {tuple(styles.shape)}")
-    if up:
-        src = ops.modulated_conv2d(x, weight, styles, demodulate=False, up=True)
-        kernel = ops.fir_kernel() if fir is None else fir
-        src = ops.blur_after_transpose(src, kernel.to(src.device), ksize)
-    else:
+    # The kernel multiplies 16-bit blocks, or fp32 ones as TF32; exact fp32 and the transposed convolution are cuDNN's.
+    gemm = not up and (x.dtype != torch.float32 or tf32)
+    if gemm:
         src = x
+    else:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            src = ops.modulated_conv2d(x, weight, styles, demodulate=False, up=up)
+        if up:
+            kernel = ops.fir_kernel() if fir is None else fir
+            src = ops.blur_after_transpose(src, kernel.to(src.device), ksize)
     h_out, w_out = src.shape[-2:]
     if out is None:
         out = _empty_like_layout(x, (batch, c_out, h_out, w_out))
@@ -165,7 +184,8 @@ def modulated_conv2d(
     if noise is not None:
         strength = torch.as_tensor(1.0 if noise_strength is None else noise_strength, dtype=torch.float32, device=x.device)
     res, dummy = residual, out  # absent operands get a placeholder pointer their flag never reads
-    (_launch_epilogue if up else _launch_conv)(
+    launch = _launch_epilogue if not gemm else _launch_tf32 if x.dtype == torch.float32 else _launch_conv
+    launch(
         lambda meta: (triton.cdiv(h_out * w_out, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]), batch),
         config,
         x_ptr=src, w_ptr=weight, s_ptr=styles,
@@ -185,9 +205,9 @@ def modulated_conv2d(
         sr_h=0 if res is None else res.stride(2), sr_w=0 if res is None else res.stride(3),
         so_b=out.stride(0), so_c=out.stride(1), so_h=out.stride(2), so_w=out.stride(3),
         gain=gain if activation == "lrelu" else 1.0,
-        KSIZE=ksize, PAD=ksize // 2, CONV=not up, DEMOD=demodulate, HAS_NOISE=noise is not None,
+        KSIZE=ksize, PAD=ksize // 2, CONV=gemm, DEMOD=demodulate, HAS_NOISE=noise is not None,
         HAS_BIAS=bias is not None, HAS_RES=res is not None, LRELU=activation == "lrelu",
-        PRECISION="tf32" if tf32 else "ieee",
+        PRECISION="tf32" if x.dtype == torch.float32 else "ieee",
     )
     return out
 

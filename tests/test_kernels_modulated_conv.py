@@ -16,6 +16,8 @@ from ffclip.kernels import modulated_conv2d, modulated_conv2d_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+# TF32 operands keep 10 mantissa bits, as fp16 ones do (products accumulate in fp32)
+TF32_TOLERANCE = 2e-3
 # Tiles smaller than every test shape, so each shape spans several tiles with ragged edges.
 SMALL_TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 
@@ -37,7 +39,7 @@ def layer_inputs(batch, c_in, c_out, size, ksize, up, seed=0):
     }
 
 
-def check_layer(dtype, batch, c_in, c_out, size, ksize, up, *, channels_last=False, seed=0):
+def check_layer(dtype, batch, c_in, c_out, size, ksize, up, *, channels_last=False, seed=0, tf32=False):
     t = layer_inputs(batch, c_in, c_out, size, ksize, up, seed)
     rgb = ksize == 1
     options = {"demodulate": not rgb, "up": up, "bias": t["bias"]}
@@ -56,10 +58,10 @@ def check_layer(dtype, batch, c_in, c_out, size, ksize, up, *, channels_last=Fal
     dev = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in options.items()}
     if rgb:
         dev["residual"] = dev["residual"].to(dtype)
-    y = modulated_conv2d(x, t["weight"].to(DEVICE), t["styles"].to(DEVICE), out=out, config=SMALL_TILES, **dev)
+    y = modulated_conv2d(x, t["weight"].to(DEVICE), t["styles"].to(DEVICE), out=out, config=SMALL_TILES, tf32=tf32, **dev)
     assert y is out and y.dtype == dtype
     assert torch.isfinite(y).all(), "some output elements were not written"
-    assert relative_error(y.cpu(), ref) <= TOLERANCE[dtype]
+    assert relative_error(y.cpu(), ref) <= (TF32_TOLERANCE if tf32 else TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -70,6 +72,19 @@ def check_layer(dtype, batch, c_in, c_out, size, ksize, up, *, channels_last=Fal
 )
 def test_fused_layer_matches_float64(dtype, batch, c_in, c_out, size, ksize):
     check_layer(dtype, batch, c_in, c_out, size, ksize, up=False)
+
+
+@pytest.mark.parametrize("ksize", [3, 1])
+def test_fp32_with_tf32_runs_the_kernel_gemm(ksize, monkeypatch):
+    from ffclip.kernels import modulated_conv
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("exact fp32 must convolve in cuDNN and run only the epilogue")
+
+    check_layer(torch.float32, 2, 20, 18 if ksize == 3 else 3, 5, ksize, up=False, tf32=True, seed=3)
+    monkeypatch.setattr(modulated_conv, "_launch_tf32", refuse)
+    monkeypatch.setattr(modulated_conv, "_launch_conv", refuse)
+    check_layer(torch.float32, 2, 20, 18, 5, ksize, up=False, seed=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
