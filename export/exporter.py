@@ -19,7 +19,7 @@ from torch import nn
 from ffclip.atomic import atomic_dir
 from ffclip.checkpoints.bundle import save_module
 from ffclip.engines import engine_class
-from ffclip.engines.tensorrt import tensorrt_reason
+from ffclip.engines.tensorrt import bf16_supported, tensorrt_reason
 from ffclip.errors import FfclipError, InputError, summarize
 from ffclip.outputs import check_output_folder
 
@@ -28,7 +28,7 @@ from .onnx_export import DEFAULT_OPSET, export_onnx
 from .openvino_export import export_openvino, openvino_skip_reason, stage_precision
 from .parity import Parity, check_parity
 from .stages import PRECISIONS, StageSpec, stage_specs
-from .tensorrt_build import TIMING_CACHE, build_engine
+from .tensorrt_build import TIMING_CACHE, build_engine, export_precision_onnx
 from .torchscript_export import export_torchscript
 
 FORMATS = ("onnx", "torchscript", "tensorrt", "openvino")
@@ -211,7 +211,7 @@ def _skip_reason(fmt: str, entry: dict[str, Any], options: ExportOptions) -> str
         if "onnx" not in entry["files"]:
             return "TensorRT builds from the ONNX file, which was not built"
         reason = tensorrt_reason(options.device)
-        if reason is None and options.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        if reason is None and options.precision == "bf16" and not bf16_supported(options.device):
             reason = "this GPU has no bf16 support"
         return reason
     if fmt == "openvino":
@@ -247,9 +247,10 @@ def _build_torchscript(spec, module, folder, options, entry, references) -> Pari
 
 def _build_tensorrt(spec, module, folder, options, entry, references) -> Parity:
     plan = folder / "tensorrt" / f"{spec.name}.plan"
+    graph = export_precision_onnx(spec, module, folder, options.precision, options.opset)
     facts = build_engine(
         spec,
-        folder / entry["files"]["onnx"],
+        graph,
         plan,
         folder / "tensorrt" / f"{spec.name}.build.log",
         folder / TIMING_CACHE,
@@ -258,7 +259,8 @@ def _build_tensorrt(spec, module, folder, options, entry, references) -> Parity:
         options.device,
     )
     entry["files"]["tensorrt"] = plan.relative_to(folder).as_posix()
-    entry["tensorrt"] = {**facts, "build_log": f"tensorrt/{spec.name}.build.log", "timing_cache": TIMING_CACHE}
+    entry["tensorrt"] = {**facts, "onnx": graph.relative_to(folder).as_posix(),
+                         "build_log": f"tensorrt/{spec.name}.build.log", "timing_cache": TIMING_CACHE}
     return _parity(spec, folder, options, entry, "tensorrt", "tensorrt", options.device, options.precision, references)
 
 

@@ -7,6 +7,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import torch
@@ -29,15 +30,17 @@ class OnnxResult:
     external_data: bool
 
 
-def export_onnx(spec: StageSpec, module: nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> OnnxResult:
-    """Export `module` (fp32, CPU) to `path` with a dynamic batch axis, run the surgery and the checker."""
+def export_onnx(spec: StageSpec, module: nn.Module, path: Path, opset: int = DEFAULT_OPSET,
+                dtype: torch.dtype = torch.float32) -> OnnxResult:
+    """Export `module` (CPU) to `path` with a dynamic batch axis, run the surgery and the checker. The graph computes
+    in `dtype` (the module is converted in place) behind float32 inputs and outputs."""
     example = spec.example_inputs(2)
     args = tuple(example[n] for n in spec.input_names)
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            Boundary(module.cpu().float().eval()),
+            Boundary(module.cpu().float().eval(), dtype),
             args,
             dynamo=True,
             opset_version=opset,
@@ -76,6 +79,7 @@ def surgery(model: onnx.ModelProto, input_names: list[str], output_names: list[s
     # constant folding evaluates subgraphs in ONNX Runtime, whose optimiser notices are not for users
     onnxruntime.set_default_logger_severity(3)
     graph.fold_constants(fold_shapes=True)
+    _narrow_double_constants(graph)
     graph.cleanup().toposort()
     result = gs.export_onnx(graph)
     result.ir_version = model.ir_version
@@ -92,6 +96,15 @@ def _rename_boundary(graph: gs.Graph, input_names: list[str], output_names: list
             tensor.name = f"{name}_inner"
     for tensor, name in zip(boundary, input_names + output_names):
         tensor.name = name
+
+
+def _narrow_double_constants(graph: gs.Graph) -> None:
+    """float64 constants that only give a value to `CastLike` (Python scalars in the traced code) become float32:
+    TensorRT has no float64 tensors, and the cast narrows them to float32 or less anyway."""
+    for tensor in graph.tensors().values():
+        if (isinstance(tensor, gs.Constant) and tensor.values.dtype == np.float64 and tensor.outputs
+                and all(n.op == "CastLike" and n.inputs[0] is tensor for n in tensor.outputs)):
+            tensor.values = tensor.values.astype(np.float32)
 
 
 def _is_noop_cast(node: gs.Node) -> bool:
