@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test clean world
+.PHONY: install demo test clean world gpu-check
 
 install: $(STAMP)
 
@@ -34,6 +34,14 @@ world: install
 
 test: install
 	$(PY) -m pytest -q -n 2 --durations=15
+
+# The prepared GPU check, with the machine's own Python and packages (no install): kernels, mapper and generator
+# forms, the whole edit and TensorRT graph replay, into $(GPU_CHECK_OUT)/gpu_check.{json,md}. DRY_RUN=1: on the CPU.
+# The Triton kernels ahead of time for both architectures, no GPU needed:
+#   .venv/bin/python -m ffclip.kernels.aot --arch sm_80 --arch sm_90 --dtype fp16 --dtype bf16 --dtype fp32 --out aot.json
+GPU_CHECK_OUT ?= artifacts/gpu-check
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(DRY_RUN),--dry-run)
 
 clean:
 	rm -rf artifacts build dist *.egg-info

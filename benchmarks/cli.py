@@ -84,12 +84,21 @@ def _compare(paths: tuple[Path, Path]) -> None:
 @click.option("--serve", "serve_load", is_flag=True,
               help="Load-test `ffclip serve` instead: 8 clients, 48 edits per server, batching against one request at "
                    "a time on 1 and 2 replicas, then 200 simultaneous edits.")
+@click.option("--gpu-check", "gpu_check", is_flag=True,
+              help="Run the prepared GPU check instead (kernels against float64, mapper and generator forms at batch "
+                   "1/8/32, the whole edit, TensorRT graph replay) into --out: gpu_check.json and gpu_check.md.")
+@click.option("--dry-run", "dry_run", is_flag=True, help="With --gpu-check: the same checks on the CPU at tiny shapes.")
 def bench(preset: str, artifacts: Path | None, backends: str, stages: str, batch: str | None, precision: str,
           warmup: int | None, iters: int | None, budget: float, threads: int | None, device: str, out: Path | None,
-          compare_paths: tuple[Path, Path] | None, serve_load: bool) -> None:
+          compare_paths: tuple[Path, Path] | None, serve_load: bool, gpu_check: bool, dry_run: bool) -> None:
     """Compare backends on every stage: median/p90/p99 latency, throughput, peak memory and the error against
     eager fp32 on the same inputs. Each backend runs in its own process. Writes results.json, results.md and
     latency.png."""
+    if dry_run and not gpu_check:
+        raise InputError("--dry-run goes with --gpu-check")
+    if gpu_check:
+        _gpu_check(out, dry_run)
+        return
     if compare_paths:
         _compare(compare_paths)
         return
@@ -117,6 +126,16 @@ def bench(preset: str, artifacts: Path | None, backends: str, stages: str, batch
     out = out or Path("artifacts") / "bench" / f"{preset}-{resolved.type}-{stamp}"
     check_output_folder(out, "--out")
     run(settings, out)
+
+
+def _gpu_check(out: Path | None, dry_run: bool) -> None:
+    from .gpu_check import check_command
+
+    if out is None:
+        raise InputError("--gpu-check needs --out DIR for gpu_check.json and gpu_check.md")
+    status = check_command(out, dry_run)
+    if status:
+        raise SystemExit(status)
 
 
 def _serve_load(preset: str, artifacts: Path | None, out: Path | None) -> None:

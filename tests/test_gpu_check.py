@@ -1,0 +1,54 @@
+"""The prepared GPU check's dry run: the same checks on the CPU at tiny shapes, through `ffclip-bench --gpu-check`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from ffclip.benchmarks.cli import bench
+from ffclip.cli import _run
+
+
+def _bench_main(args):
+    saved = sys.argv
+    sys.argv = ["ffclip-bench", *args]
+    try:
+        _run(bench, "ffclip-bench")
+        raise SystemExit(0)
+    finally:
+        sys.argv = saved
+
+
+def test_the_dry_run_checks_everything_it_can_on_the_cpu(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _bench_main(["--gpu-check", "--dry-run", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    checks = {c["name"]: c for c in report["checks"]}
+    assert exit_info.value.code == 0 and report["passed"], [c for c in checks.values() if c["status"] == "error"]
+    assert report["environment"]["dry_run"] and report["environment"]["device"] == "cpu"
+    assert {c["group"] for c in report["checks"]} == {"kernel", "mapper", "generator", "edit", "tensorrt"}
+    for name, c in checks.items():
+        if "cuda_graph" in name:
+            assert c["status"] == "skipped" and "CUDA" in c["reason"]
+        elif c["group"] != "tensorrt":
+            assert c["status"] == "done" and c["ok"] and c["ms"] > 0, name
+        if "rel_err" in c:
+            assert c["rel_err"] <= c["tolerance"], name
+    assert checks["generator triton B=2"]["rel_err"] > 0  # the kernels ran, not the eager layers
+    assert checks["mapper engine CUDA-graph replay"]["status"] == "skipped"
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| kernel | modconv conv3 8->8 @4 fp16 | ok |" in table and table in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dry-run"], "--dry-run goes with --gpu-check"),
+    (["--gpu-check", "--dry-run"], "--gpu-check needs --out DIR"),
+])
+def test_gpu_check_arguments_give_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _bench_main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
