@@ -25,7 +25,7 @@ import torch
 
 from ffclip.atomic import atomic_file
 from ffclip.cli.options import StageSources
-from ffclip.errors import InputError
+from ffclip.errors import FfclipError, InputError, summarize
 
 from .machine import machine_info
 from .timing import percentile
@@ -126,7 +126,10 @@ def run_load(sources: StageSources, artifacts: Path | None, backend: str, plan: 
     url = f"http://127.0.0.1:{plan.port}"
     rows, flood = [], None
     started = time.time()
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except Exception as exc:  # Ray raises plain Exception when its node does not come up in time
+        raise FfclipError(f"cannot start Ray ({summarize(exc)}); retry on a less loaded machine") from None
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": plan.port})
         for replicas in plan.replicas:

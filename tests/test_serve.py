@@ -61,7 +61,12 @@ def url(bundles):
     from ffclip.serve.app import build_app
 
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    options = dict(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        ray.init(**options)
+    except Exception:  # Ray's node gives up after 30 s when the machine is heavily loaded: try once more
+        ray.shutdown()
+        ray.init(**options)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServeConfig(sources=bundles, max_batch=MAX_BATCH, queue=QUEUE, num_cpus=0.5)
@@ -224,19 +229,27 @@ def test_load_test_driver_counts_answers_and_batches(url):
     assert 1 <= row["mean_batch"] <= row["max_batch_seen"] <= MAX_BATCH and row["p50_ms"] <= row["p99_ms"]
 
 
-def test_cli_refuses_a_busy_port_in_one_line(monkeypatch, capsys):
+def serve_cli(monkeypatch, capsys, *args: str) -> str:
+    """The last line `ffclip serve ARGS` writes to stderr, checked to be a one-line user error (exit status 2)."""
     from ffclip.cli import main
 
+    monkeypatch.setattr(sys, "argv", ["ffclip", "serve", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def test_cli_refuses_a_busy_port_and_mixed_sources_in_one_line(monkeypatch, capsys, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        monkeypatch.setattr(sys, "argv", ["ffclip", "serve", "--port", str(s.getsockname()[1])])
-        with pytest.raises(SystemExit) as exit_:
-            main()
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2, err
-    assert err.strip().splitlines()[-1].startswith("ffclip: error: cannot listen on 127.0.0.1")
-    assert "Traceback" not in err
+        line = serve_cli(monkeypatch, capsys, "--port", str(s.getsockname()[1]))
+    assert line.startswith("ffclip: error: cannot listen on 127.0.0.1")
+    (tmp_path / "g.pt").write_bytes(b"")
+    line = serve_cli(monkeypatch, capsys, "--artifacts", str(tmp_path), "--generator", str(tmp_path / "g.pt"))
+    assert line.startswith("ffclip: error: --generator/--mapper/--clip do not apply with --artifacts")
 
 
 CHROMIUM = "/usr/bin/chromium"

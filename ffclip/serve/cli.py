@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..cli.options import StageSources, stage_options
+from ..engines import BACKENDS
 from ..errors import FfclipError, InputError, summarize
 from .editor import ServeConfig
 
@@ -24,7 +25,7 @@ def _say(message: str) -> None:
 @stage_options
 @click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Serve an ffclip-export folder instead of the checkpoints (default: the embedded default).")
-@click.option("--backend", type=click.Choice(["auto", "eager", "torchscript", "onnxruntime", "tensorrt", "triton"]),
+@click.option("--backend", type=click.Choice(["auto", *BACKENDS]),
               default="auto", show_default=True, help="Backend for --artifacts.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -60,8 +61,9 @@ def serve(sources: StageSources, artifacts: Path | None, backend: str, device: s
     _say("joining the Ray cluster at " + address if address else "starting a local Ray instance")
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise FfclipError(f"cannot start or join Ray ({summarize(exc)}); check --address") from None
+    except Exception as exc:  # Ray raises plain Exception when its node does not come up in time
+        raise FfclipError(f"cannot start or join Ray ({summarize(exc)}); check --address, or retry on a less "
+                          "loaded machine") from None
     try:
         serve_api.start(http_options={"host": host, "port": port})
         _say(f"loading the stages in {replicas} replica(s)")
