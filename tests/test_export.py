@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -33,8 +34,9 @@ def test_every_stage_and_format_is_built_or_skipped_with_reason(tiny_export):
 
 
 def test_manifest_records_shapes_hashes_parity_and_surgery(tiny_export):
-    folder, _ = tiny_export
+    folder, report = tiny_export
     manifest = json.loads((folder / MANIFEST).read_text())
+    assert report.manifest_sha256 == hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
     assert manifest["batch"] == {"min": 1, "opt": 3, "max": 8}
     assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "tensorrt"}
     gen = manifest["stages"]["generator"]
