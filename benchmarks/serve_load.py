@@ -125,7 +125,7 @@ def run_load(sources: StageSources, artifacts: Path | None, backend: str, plan: 
                        queue=plan.queue)
     url = f"http://127.0.0.1:{plan.port}"
     rows, flood = [], None
-    started = time.time()
+    started, machine = time.time(), machine_info(torch.device("cpu"))
     try:
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except Exception as exc:  # Ray raises plain Exception when its node does not come up in time
@@ -158,8 +158,7 @@ def run_load(sources: StageSources, artifacts: Path | None, backend: str, plan: 
         "duration_s": round(time.time() - started, 1),
         "served": str(artifacts) if artifacts else f"{sources.preset} preset (checkpoints where given)",
         "plan": {**asdict(plan), "replicas": list(plan.replicas)},
-        "machine": {**machine_info(torch.device("cpu")),
-                    "load_average_end": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {**machine, "load_average_end": [round(x, 2) for x in os.getloadavg()]},
         "rows": rows,
         "burst": flood,
     }
@@ -173,7 +172,9 @@ def run_load(sources: StageSources, artifacts: Path | None, backend: str, plan: 
 
 def markdown(results: dict[str, Any]) -> str:
     """The load test's tables in Markdown."""
-    lines = ["| server | replicas | max batch | threads/replica | req/s | p50 ms | p99 ms | mean batch | max batch "
+    m = results["machine"]
+    lines = [f"Served: {results['served']}. Machine: {m['cpu']}, {m['cpu_cores_logical']} logical cores; load average "
+             f"{m['load_average'][0]} at the start, {m['load_average_end'][0]} at the end.", "","| server | replicas | max batch | threads/replica | req/s | p50 ms | p99 ms | mean batch | max batch "
              "| errors |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
