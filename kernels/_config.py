@@ -43,6 +43,13 @@ ATTENTION_CONFIGS: list[Config] = [
     {"BLOCK_I": 64, "BLOCK_J": 64, "num_warps": 4, "num_stages": 2},
     {"BLOCK_I": 16, "BLOCK_J": 256, "num_warps": 8, "num_stages": 2},
 ]
+# The same kernel on fp32 inputs (IEEE dots on the FMA units): the tiles above spill there, so at most 8 score
+# elements per thread.
+ATTENTION_FP32_CONFIGS: list[Config] = [
+    {"BLOCK_I": 32, "BLOCK_J": 64, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_I": 16, "BLOCK_J": 128, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_I": 32, "BLOCK_J": 32, "num_warps": 4, "num_stages": 2},
+]
 
 # Small tiles under TRITON_INTERPRET=1: cheap per program and small enough that test shapes span several tiles.
 INTERPRET_CONFIGS: dict[str, Config] = {

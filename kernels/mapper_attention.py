@@ -180,9 +180,11 @@ def _block_output_kernel(
 
 
 # the partial-sum buffer is sized for the smallest row block: trials with small blocks must not leave rows behind
-_launch_attention = _config.launcher(
-    _channel_attention_kernel, "attention", _config.ATTENTION_CONFIGS, ["D", "R", "FACTORED"], reset_to_zero=("part_ptr",)
-)
+_ATTENTION = {  # 16-bit inputs, then float32 ones
+    low: (configs, _config.launcher(_channel_attention_kernel, "attention", configs, ["D", "R", "FACTORED"],
+                                    reset_to_zero=("part_ptr",)))
+    for low, configs in ((True, _config.ATTENTION_CONFIGS), (False, _config.ATTENTION_FP32_CONFIGS))
+}
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -208,17 +210,19 @@ def _attention_partials(q2: torch.Tensor, k2: torch.Tensor, v2_mean: torch.Tenso
         if k2.shape != (batch, d, r):
             raise ValueError(f"K2 must be [B, D, L] = {(batch, d, r)}, got {tuple(k2.shape)}")
         sk = k2.stride()
+    low_precision = q2.dtype in (torch.float16, torch.bfloat16)
+    configs, launch = _ATTENTION[low_precision]
     if config is not None:
         block_i = config["BLOCK_I"]
     elif _config.interpreting():
         block_i = _config.INTERPRET_CONFIGS["attention"]["BLOCK_I"]
     else:
-        block_i = min(c["BLOCK_I"] for c in _config.ATTENTION_CONFIGS)
+        block_i = min(c["BLOCK_I"] for c in configs)
     # Sized for the smallest row block; rows that a larger block leaves unwritten stay zero and add nothing.
     n_i = triton.cdiv(d, block_i)
     partials = torch.zeros(batch, n_i, d, dtype=torch.float32, device=q2.device)
     qbar = q2.float().mean(dim=-1)
-    _launch_attention(
+    launch(
         lambda meta: (batch, triton.cdiv(d, meta["BLOCK_I"])),
         config,
         k2_ptr=k2, e_ptr=e if factored else k2, q2_ptr=q2, qbar_ptr=qbar, m_ptr=m, part_ptr=partials,
@@ -227,7 +231,7 @@ def _attention_partials(q2: torch.Tensor, k2: torch.Tensor, v2_mean: torch.Tenso
         sq_b=q2.stride(0), sq_r=q2.stride(1), sq_j=q2.stride(2), sqb_b=qbar.stride(0), sqb_r=qbar.stride(1),
         sm_b=m.stride(0), sm_d=m.stride(1), sp_b=partials.stride(0), sp_n=partials.stride(1), sp_d=partials.stride(2),
         scale=1.0 / math.sqrt(d), exp_safe=mapper.EXP_SAFE, FACTORED=factored,
-        LOW_PRECISION_DOT=q2.dtype in (torch.float16, torch.bfloat16), BLOCK_R=max(16, triton.next_power_of_2(r)),
+        LOW_PRECISION_DOT=low_precision, BLOCK_R=max(16, triton.next_power_of_2(r)),
     )
     return partials
 
