@@ -23,14 +23,8 @@ MODCONV_CONFIGS: list[Config] = [
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 256, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
 ]
-# The same kernel on fp32 inputs with TF32 dots: half the tile of the 16-bit configurations per byte of shared memory.
-MODCONV_TF32_CONFIGS: list[Config] = [
-    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 4},
-]
-# Elementwise epilogue after the cuDNN transposed convolution and blur of the upsampling layers.
+# Elementwise epilogue after the cuDNN transposed convolution and blur of the upsampling layers, and after the plain
+# cuDNN convolution of fp32 layers.
 # BLOCK_K only sizes the demodulation's weight tile here; 64 channels of it, or 64x128 tiles, spill.
 EPILOGUE_CONFIGS: list[Config] = [
     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},

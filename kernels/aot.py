@@ -92,7 +92,7 @@ def _conv3x3(dtype: torch.dtype) -> None:
     c, res = 512, 64
     modulated_conv2d(_meta(1, c, res, res, dtype=dtype), _meta(c, c, 3, 3, dtype=dtype), _meta(1, c, dtype=dtype),
                      noise=_meta(1, 1, res, res, dtype=dtype), noise_strength=_meta(dtype=dtype),
-                     bias=_meta(c, dtype=dtype), activation="lrelu", tf32=dtype == torch.float32)
+                     bias=_meta(c, dtype=dtype), activation="lrelu")
 
 
 def _torgb(dtype: torch.dtype) -> None:
@@ -100,8 +100,7 @@ def _torgb(dtype: torch.dtype) -> None:
 
     c, res = 32, 1024
     modulated_conv2d(_meta(1, c, res, res, dtype=dtype), _meta(3, c, 1, 1, dtype=dtype), _meta(1, c, dtype=dtype),
-                     demodulate=False, bias=_meta(3, dtype=dtype), residual=_meta(1, 3, res, res, dtype=dtype),
-                     tf32=dtype == torch.float32)
+                     demodulate=False, bias=_meta(3, dtype=dtype), residual=_meta(1, 3, res, res, dtype=dtype))
 
 
 def _up_epilogue(dtype: torch.dtype) -> None:

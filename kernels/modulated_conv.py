@@ -16,9 +16,9 @@ bias, leaky ReLU 0.2 times `gain`, and an optional residual (the RGB skip), and 
 
 Upsampling layers: the stride-2 transposed convolution (input scaled by the style) and the [1,3,3,1] blur stay with
 cuDNN; the same kernel, without its GEMM, then applies the demodulation (it commutes with the blur, both being
-linear per channel), noise, bias and activation in one pass. Exact fp32 layers take the same route through a plain
-cuDNN convolution: an IEEE fp32 GEMM runs on the FMA units and spills at every useful tile size, so the kernel
-multiplies fp32 only as TF32, on request.
+linear per channel), noise, bias and activation in one pass. fp32 layers take the same route through a plain
+cuDNN convolution: an IEEE fp32 GEMM runs on the FMA units and spills at every useful tile size, and even TF32 tiles
+spill on sm_80, so the kernel multiplies 16-bit operands only.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _modconv_kernel(
     sr_b, sr_c, sr_h, sr_w, so_b, so_c, so_h, so_w,
     gain,
     KSIZE: tl.constexpr, PAD: tl.constexpr, CONV: tl.constexpr, DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, LRELU: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, LRELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -97,7 +97,7 @@ def _modconv_kernel(
                 # in the operand dtype: a 16-bit product is exact in fp32, so rounding it once gives the same operand
                 s = tl.load(s_ptr + b * ss_b + offs_k * ss_c, mask=mask_k, other=0.0).to(a.dtype)
                 w = tl.load(w_tap + offs_k[:, None] * sw_i, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(a.dtype)
-                acc = tl.dot(a, w * s[:, None], acc, input_precision=PRECISION)
+                acc = tl.dot(a, w * s[:, None], acc)
     else:
         acc = tl.load(x_ptr + b * sx_b + offs_n[None, :] * sx_c + oh[:, None] * sx_h + ow[:, None] * sx_w,
                       mask=mask, other=0.0).to(tl.float32)
@@ -121,7 +121,6 @@ def _modconv_kernel(
 
 _KEY = ["C_IN", "C_OUT", "H_OUT", "W_OUT", "KSIZE", "CONV"]
 _launch_conv = _config.launcher(_modconv_kernel, "modconv", _config.MODCONV_CONFIGS, _KEY)
-_launch_tf32 = _config.launcher(_modconv_kernel, "modconv", _config.MODCONV_TF32_CONFIGS, _KEY)
 _launch_epilogue = _config.launcher(_modconv_kernel, "epilogue", _config.EPILOGUE_CONFIGS, _KEY)
 
 
@@ -155,8 +154,8 @@ def modulated_conv2d(
     `noise` broadcasts to `[B,1,H,W]`; `activation="lrelu"` is leaky ReLU 0.2 times `gain`; `residual [B,Cout,H,W]`
     is added last. With `up`, the stride-2 transposed convolution and the FIR blur `fir` (default [1,3,3,1]) run in
     PyTorch and the kernel does the rest. fp16/bf16 multiply in the kernel and accumulate in fp32. fp32 convolves
-    exactly in cuDNN (TF32 off) before the kernel's epilogue, unless `tf32`: the kernel then multiplies TF32 blocks
-    (10-bit mantissas, fp32 accumulation: a relative error near 1e-3, as fp16 inputs give).
+    in cuDNN before the kernel's epilogue, exactly unless `tf32` lets cuDNN use TF32 (10-bit mantissas, fp32
+    accumulation: a relative error near 1e-3, as fp16 inputs give).
     `out` receives the result when given; `config` fixes the tile sizes instead of autotuning.
     """
     _config.check_device(x, weight, styles)
@@ -164,12 +163,12 @@ def modulated_conv2d(
     c_out = weight.shape[0]
     if x.shape[1] != c_in or styles.shape != (batch, c_in) or weight.shape[2] != ksize or ksize % 2 == 0:
         raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)}, styles {tuple(styles.shape)}")
-    # The kernel multiplies 16-bit blocks, or fp32 ones as TF32; exact fp32 and the transposed convolution are cuDNN's.
-    gemm = not up and (x.dtype != torch.float32 or tf32)
+    # The kernel multiplies 16-bit blocks; fp32 and the transposed convolution are cuDNN's.
+    gemm = not up and x.dtype != torch.float32
     if gemm:
         src = x
     else:
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
             src = ops.modulated_conv2d(x, weight, styles, demodulate=False, up=up)
         if up:
             kernel = ops.fir_kernel() if fir is None else fir
@@ -184,7 +183,7 @@ def modulated_conv2d(
     if noise is not None:
         strength = torch.as_tensor(1.0 if noise_strength is None else noise_strength, dtype=torch.float32, device=x.device)
     res, dummy = residual, out  # absent operands get a placeholder pointer their flag never reads
-    launch = _launch_epilogue if not gemm else _launch_tf32 if x.dtype == torch.float32 else _launch_conv
+    launch = _launch_conv if gemm else _launch_epilogue
     launch(
         lambda meta: (triton.cdiv(h_out * w_out, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]), batch),
         config,
@@ -207,7 +206,6 @@ def modulated_conv2d(
         gain=gain if activation == "lrelu" else 1.0,
         KSIZE=ksize, PAD=ksize // 2, CONV=gemm, DEMOD=demodulate, HAS_NOISE=noise is not None,
         HAS_BIAS=bias is not None, HAS_RES=res is not None, LRELU=activation == "lrelu",
-        PRECISION="tf32" if x.dtype == torch.float32 else "ieee",
     )
     return out
 
