@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from ffclip.export.stages import STAGES as EXPORTED_STAGES
+from ffclip.export.stages import compute_precision
 
 STAGES = ("text", "mapper", "generator", "edit")
 BACKENDS = ("eager", "torchscript", "compile", "onnxruntime", "openvino", "tensorrt", "triton")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
 # backends served from an artifact folder through `ffclip.runtime.Runtime`
 RUNTIME_BACKENDS = ("torchscript", "onnxruntime", "openvino", "tensorrt", "triton")
 # the export each runtime backend needs: one folder per group, so a format that fails leaves the others usable;
@@ -29,7 +30,7 @@ RUNTIME_BACKENDS = ("torchscript", "onnxruntime", "openvino", "tensorrt", "trito
 EXPORT_GROUPS = {"torchscript": ("torchscript",), "onnxruntime": ("onnx",), "openvino": ("onnx", "openvino"),
                  "tensorrt": ("onnx", "tensorrt")}
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def skip_reason(backend: str, precision: str, device: torch.device) -> str | None:
@@ -47,6 +48,8 @@ def skip_reason(backend: str, precision: str, device: torch.device) -> str | Non
         return "Triton is not installed"
     if precision == "fp16" and device.type == "cpu":
         return "fp16 on the CPU is not meaningful: no fast half-precision kernels there"
+    if backend == "torchscript" and precision != "fp32" and device.type == "cpu":
+        return "TorchScript artifacts are traced in fp32 on the CPU; reduced precision runs in the eager backend"
     if backend == "onnxruntime" and precision != "fp32":
         return "the exported ONNX files are fp32 graphs; reduced precision is built by TensorRT"
     if backend == "compile" and device.type == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
@@ -152,12 +155,14 @@ def build_modules(preset: str, device: torch.device, artifacts: Path | None = No
 
 
 def module_stages(modules: tuple[Any, Any, Any], device: torch.device, precision: str, compiled: bool) -> StageSet:
-    """eager (or, with `compiled`, torch.compile) stages of the modules; fp16 runs under autocast."""
+    """eager (or, with `compiled`, torch.compile) stages of the modules; reduced precision runs under autocast, for
+    the stages the export policy computes in it (not the mapper)."""
     text_encoder, mapper, generator = modules
     text_fn, mapper_fn, generator_fn = text_encoder, mapper, generator
     if compiled:
         text_fn, mapper_fn, generator_fn = (torch.compile(m) for m in (text_encoder, mapper, generator))
     autocast = _autocast(device, precision)
+    mapper_autocast = _autocast(device, compute_precision("mapper", precision))
 
     @torch.inference_mode()
     def text(prompts: list[str]) -> torch.Tensor:
@@ -167,7 +172,7 @@ def module_stages(modules: tuple[Any, Any, Any], device: torch.device, precision
 
     @torch.inference_mode()
     def run_mapper(latents: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        with autocast():
+        with mapper_autocast():
             return mapper_fn(latents, embeddings)
 
     @torch.inference_mode()

@@ -1,4 +1,5 @@
-"""The eager backend: the stage's ffclip bundle run by plain PyTorch (autocast at the export precision on CUDA)."""
+"""The eager backend: the stage's ffclip bundle run by plain PyTorch, under autocast at the precision the manifest
+records for it (`compute_precision.eager`: fp16 or bf16 on any device, fp32 for the mapper)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class EagerEngine(StageEngine):
         super().__init__(folder, stage, device)
         with stage.checked_file(self.folder, self.artifact) as path:
             self._module = load_module(path).to(self.device)
-        self._autocast = _AUTOCAST.get(stage.precision) if self.device.type == "cuda" else None
+        self._autocast = _AUTOCAST.get(stage.entry.get("compute_precision", {}).get("eager", "fp32"))
 
     @classmethod
     def availability(cls, device: torch.device) -> str | None:

@@ -27,7 +27,7 @@ from .manifest import MANIFEST, read_manifest, sha256, write_manifest
 from .onnx_export import DEFAULT_OPSET, export_onnx
 from .openvino_export import export_openvino, openvino_skip_reason, stage_precision
 from .parity import Parity, check_parity
-from .stages import PRECISIONS, StageSpec, stage_specs
+from .stages import FLOAT64_REFEREE, PRECISIONS, StageSpec, format_precision, stage_specs
 from .tensorrt_build import TIMING_CACHE, build_engine, export_precision_onnx
 from .torchscript_export import export_torchscript
 
@@ -161,7 +161,8 @@ def _export_stage(
     report: ExportReport,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
-    entry: dict[str, Any] = {**spec.manifest_entry(), "files": {}, "parity": {}, "status": {}}
+    entry: dict[str, Any] = {**spec.manifest_entry(), "files": {}, "parity": {}, "status": {}, "compute_precision": {
+        "eager": format_precision(spec.name, options.precision, "eager", options.device)}}
     progress(f"{spec.name}: saving eager weights")
     entry["files"]["eager"] = f"{spec.name}.safetensors"
     save_module(folder / entry["files"]["eager"], module)
@@ -199,6 +200,7 @@ def _export_stage(
         if parity.ok:
             report.outcomes.append(Outcome(spec.name, fmt, "built", parity.describe(), seconds))
             entry["status"][fmt] = "built"
+            entry["compute_precision"][fmt] = format_precision(spec.name, options.precision, fmt, options.device)
         else:
             report.outcomes.append(Outcome(spec.name, fmt, "failed", f"parity over tolerance: {parity.describe()}", seconds))
     return entry
@@ -237,11 +239,11 @@ def _build_onnx(spec, module, folder, options, entry, references) -> Parity:
 
 def _build_torchscript(spec, module, folder, options, entry, references) -> Parity:
     path = folder / "torchscript" / f"{spec.name}.pt"
-    dtype = PRECISIONS[options.precision] if options.device.type == "cuda" else torch.float32
+    precision = format_precision(spec.name, options.precision, "torchscript", options.device)
+    dtype = PRECISIONS[precision]
     export_torchscript(spec, module, path, options.device, dtype)
     entry["files"]["torchscript"] = path.relative_to(folder).as_posix()
     entry["torchscript"] = {"device": options.device.type, "compute_dtype": str(dtype).removeprefix("torch.")}
-    precision = options.precision if dtype != torch.float32 else "fp32"
     return _parity(spec, folder, options, entry, "torchscript", "torchscript", options.device, precision, references)
 
 
@@ -282,17 +284,16 @@ _BUILDERS = {
 
 
 def _parity(spec, folder, options, entry, fmt, backend, device, precision, references) -> Parity:
-    """Run the artifact through its engine and compare with eager fp32 on the CPU (and float64 where needed)."""
+    """Run the artifact through its engine and compare with the stage's referee on the CPU (eager fp32 or float64)."""
     info = spec.info(entry["files"], options.batch, options.precision, entry)
     engine = engine_class(backend)(folder, info, device)
     try:
         return check_parity(
             spec,
-            references[0],
+            references[1] if spec.referee == FLOAT64_REFEREE else references[0],
             lambda inputs: {k: v.cpu() for k, v in engine.run(inputs).items()},
             options.parity_batches,
             spec.tolerance(precision),
-            reference64=references[1] if precision == "fp32" else None,
         )
     finally:
         engine.close()

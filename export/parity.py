@@ -1,11 +1,9 @@
-"""Parity of an exported stage against eager PyTorch on fresh random inputs.
+"""Parity of an exported stage against its referee on fresh random inputs.
 
-Some stages are ill-conditioned in float32 (the mapper's normalisation across layers divides channels whose values
-are nearly zero on every layer, so rounding differences of 1e-7 can grow to 1e-3). When an artifact misses the
-tolerance against eager float32, it is judged against a float64 evaluation of the same module instead, over
-`FLOAT64_DRAWS` fresh inputs: it passes if its worst error there is within the tolerance or no more than
-`FLOAT64_SLACK` times eager float32's own worst error on the same inputs. (Over one or two draws the two worst errors
-differ by up to 6x on the seeded-random mapper; over eight they agree within about 1.5x.)
+The text encoder and the generator are compared with eager PyTorch float32. The mapper is compared with a float64
+evaluation of the same module under a fixed tolerance (`ffclip.export.stages.MAPPER_TOLERANCE`): its normalisation
+across layers magnifies float32 rounding in channels that are small on every layer, so float32 results are judged by
+their distance to the exact answer, not to another float32 result.
 """
 
 from __future__ import annotations
@@ -19,51 +17,36 @@ import torch
 from .stages import StageSpec, Tolerance
 
 Outputs = dict[str, torch.Tensor]
-FLOAT64_SLACK = 4.0
-FLOAT64_DRAWS = 8
 
 
 @dataclass(frozen=True)
 class Parity:
-    """The worst errors over all batch sizes and outputs, and whether they are within the tolerance.
-
-    `float64` holds (artifact error, eager float32 error) against a float64 reference, in the tolerance's metric,
-    when that comparison was needed."""
+    """The worst errors over all batch sizes and outputs against `reference`, and whether they are within the
+    tolerance."""
 
     batch_sizes: tuple[int, ...]
     max_abs_err: float
     max_rel_err: float
     tolerance: Tolerance
-    float64: tuple[float, float] | None = None
+    reference: str
 
     @property
     def ok(self) -> bool:
-        if self.tolerance.check(self.max_abs_err, self.max_rel_err):
-            return True
-        if self.float64 is None:
-            return False
-        artifact, eager = self.float64
-        return artifact <= max(self.tolerance.value, FLOAT64_SLACK * eager)
+        return self.tolerance.check(self.max_abs_err, self.max_rel_err)
 
     def describe(self) -> str:
         figure = self.max_rel_err if self.tolerance.metric == "rel" else self.max_abs_err
-        text = f"max {self.tolerance.metric} error {figure:.3g} (tolerance {self.tolerance.value:.3g})"
-        if self.float64 is not None:
-            text += f"; against float64 {self.float64[0]:.3g}, eager float32 {self.float64[1]:.3g}"
-        return text
+        return f"max {self.tolerance.metric} error {figure:.3g} against {self.reference} (tolerance {self.tolerance.value:.3g})"
 
     def to_dict(self) -> dict[str, Any]:
-        out = {
+        return {
             "batch_sizes": list(self.batch_sizes),
+            "reference": self.reference,
             "max_abs_err": self.max_abs_err,
             "max_rel_err": self.max_rel_err,
             "tolerance": self.tolerance.to_dict(),
             "ok": self.ok,
         }
-        if self.float64 is not None:
-            out["float64"] = {"artifact_err": self.float64[0], "eager_fp32_err": self.float64[1],
-                              "slack": FLOAT64_SLACK}
-        return out
 
 
 def errors(actual: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
@@ -83,28 +66,16 @@ def check_parity(
     batch_sizes: Sequence[int],
     tolerance: Tolerance,
     seed: int = 1234,
-    reference64: Callable[[Outputs], Outputs] | None = None,
 ) -> Parity:
-    """Run both on the same fresh inputs at each batch size and keep the worst errors; when those miss the tolerance
-    and `reference64` is given, also measure both against float64."""
+    """Run both on the same fresh inputs at each batch size and keep the worst errors; `reference` is the stage's
+    referee (`spec.referee`)."""
     worst_abs = worst_rel = 0.0
     for i, batch in enumerate(batch_sizes):
         inputs = spec.example_inputs(batch, seed=seed + i)
         ref, out = reference(inputs), candidate(inputs)
         for name in spec.output_names:
             if not torch.isfinite(out[name]).all():
-                return Parity(tuple(batch_sizes), float("inf"), float("inf"), tolerance)
+                return Parity(tuple(batch_sizes), float("inf"), float("inf"), tolerance, spec.referee)
             abs_err, rel_err = errors(out[name], ref[name])
             worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
-    parity = Parity(tuple(batch_sizes), worst_abs, worst_rel, tolerance)
-    if parity.ok or reference64 is None:
-        return parity
-    pick = 1 if tolerance.metric == "rel" else 0
-    artifact64 = eager64 = 0.0
-    for i in range(FLOAT64_DRAWS):
-        inputs = spec.example_inputs(batch_sizes[i % len(batch_sizes)], seed=seed + len(batch_sizes) + i)
-        ref, out, ref64 = reference(inputs), candidate(inputs), reference64(inputs)
-        for name in spec.output_names:
-            artifact64 = max(artifact64, errors(out[name], ref64[name])[pick])
-            eager64 = max(eager64, errors(ref[name], ref64[name])[pick])
-    return Parity(tuple(batch_sizes), worst_abs, worst_rel, tolerance, (artifact64, eager64))
+    return Parity(tuple(batch_sizes), worst_abs, worst_rel, tolerance, spec.referee)

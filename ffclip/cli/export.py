@@ -57,9 +57,11 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
         for stage, (path, stage_seed) in origin.items()
     }
     if precision != "fp32":
-        console.print(f"note: {precision} applies to the TensorRT engines, to TorchScript traced on CUDA and (bf16) to "
-                      "OpenVINO's text encoder and generator; ONNX files "
-                      "are fp32 graphs" + ("" if options.device.type == "cuda" else ", and on the CPU TorchScript is fp32 too"))
+        console.print(f"note: {precision} applies to the text encoder and generator (the mapper stays fp32) in the eager "
+                      "backend (autocast, on any device), the TensorRT engines, TorchScript traced on CUDA and (bf16) "
+                      "OpenVINO; ONNX files are fp32 graphs"
+                      + ("" if options.device.type == "cuda" else ", and on the CPU TorchScript is fp32 too")
+                      + "; manifest.json records each stage's compute precision per format")
     console.print(f"loading the stages (preset {sources.preset})")
     modules = sources.load("cpu")
     try:
