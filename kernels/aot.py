@@ -256,12 +256,12 @@ def compile_all(archs: list[str], dtypes: list[str], cases: list[str] | None = N
             for dtype in dtypes for launch in launches(DTYPES[dtype], chosen)
             for arch in archs for config in launch.configs]
     rows = []
-    with _compiler_settings():
-        for i, (arch, dtype, launch, config) in enumerate(work):
+    for i, (arch, dtype, launch, config) in enumerate(work):
+        with _compiler_settings():  # a cache per compilation: two cases can specialise a kernel identically
             row = compile_launch(launch, config, ARCHS[arch], dtype)
-            rows.append(row)
-            if progress is not None:
-                progress(row, i + 1, len(work))
+        rows.append(row)
+        if progress is not None:
+            progress(row, i + 1, len(work))
     return rows
 
 
