@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/ffclip edit --out artifacts/demo/edit.png \
-		--prompt "blond hair" --prompt "a smiling face" --prompt "wearing glasses" --prompt "an old person"
+	$(VENV)/bin/ffclip edit --out artifacts/demo/edit.png --num 6 --seed 3 \
+		--prompt "make it red" --prompt "paint the object blue" --prompt "a triangle" \
+		--prompt "reshape it as a square" --prompt "make it small" --prompt "on a gray background"
 
 # Train the shapes world's generator, CLIP and mapper from nothing (resumable: run again after an interruption), then
 # write their weights into the package as the `world` preset's default and judge them. THREADS: CPU threads in all.

@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ffclip.config import PRESETS
+from ffclip.config import DEFAULT_PRESET, PRESETS
 from ffclip.devices import resolve_device
 from ffclip.cli.options import folder_preset, preset_given
 from ffclip.errors import FfclipError, InputError
@@ -56,7 +56,7 @@ def _compare(paths: tuple[Path, Path]) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="demo", show_default=True,
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=DEFAULT_PRESET, show_default=True,
               help="Models to benchmark (seeded random weights; timing does not depend on training).")
 @click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Exported artifact folder for the runtime backends; without it the benchmark exports its own.")

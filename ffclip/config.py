@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 
@@ -75,6 +77,14 @@ class Preset:
     text: TextConfig
     seed: int = 0
     description: str = ""
+    # package whose `weights/` folder holds this preset's trained bundles; empty: the weights are seeded random
+    weights: str = ""
+
+    def weights_file(self, kind: str) -> Path | None:
+        """The trained bundle of stage `kind` ("generator", "mapper", "text_encoder"), or None for seeded weights."""
+        if not self.weights:
+            return None
+        return Path(str(resources.files(self.weights).joinpath("weights", f"{kind}.safetensors")))
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -107,8 +117,8 @@ PRESETS: dict[str, Preset] = {
         text=TextConfig(model="ViT-B-32"),
         description="StyleGAN2 config-f FFHQ 1024, CLIP ViT-B/32, the released FFCLIP mapper.",
     ),
-    "demo": Preset(
-        name="demo",
+    "random": Preset(
+        name="random",
         generator=GeneratorConfig(resolution=256, channels=_narrow_channels(256, widest=128, narrowest=32)),
         mapper=MapperConfig(num_ws=14),
         text=TextConfig(
@@ -118,8 +128,8 @@ PRESETS: dict[str, Preset] = {
             vision_cfg={"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
         ),
         seed=2022,
-        description="Embedded default: a 256-pixel narrow generator, a small text tower with CLIP's real tokenizer, "
-        "the real mapper dimensions. Weights are seeded random, not trained.",
+        description="For tests and benchmarks: a 256-pixel narrow generator, a small text tower with CLIP's real "
+        "tokenizer, the real mapper dimensions. Weights are seeded random, not trained.",
     ),
     "world": Preset(
         name="world",
@@ -133,10 +143,14 @@ PRESETS: dict[str, Preset] = {
             vision_cfg={"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
         ),
         seed=0,
-        description="The shapes world (ffclip.world): a 64-pixel generator, a small CLIP with the real tokenizer and "
-        "a mapper, all trained here by `make world`.",
+        description="Embedded default, the shapes world (ffclip.world): a 64-pixel generator, a small CLIP with the "
+        "real tokenizer and a mapper, all trained here by `make world`.",
+        weights="ffclip.world",
     ),
 }
+
+
+DEFAULT_PRESET = "world"
 
 
 def get_preset(name: str) -> Preset:

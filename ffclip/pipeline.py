@@ -47,6 +47,10 @@ class EditPipeline:
     def resolution(self) -> int:
         return self.generator.resolution
 
+    @property
+    def embed_dim(self) -> int:
+        return self.mapper.config.dim
+
     def sample_latents(self, num: int, seed: int = 0, truncation: float = 1.0) -> torch.Tensor:
         """`w+ [num, L, 512]` from seeded `z` through the mapping network, truncated towards `w_avg`."""
         return sample_latents(self.generator, num, seed, truncation)

@@ -53,7 +53,7 @@ def test_peak_memory_sees_a_transient_allocation_on_the_cpu():
 
 
 def test_plan_skips_what_cannot_run_here_with_a_reason():
-    settings = Settings(preset="demo", device="cpu", stages=("mapper",), backends=("eager", "tensorrt", "triton"),
+    settings = Settings(preset="random", device="cpu", stages=("mapper",), backends=("eager", "tensorrt", "triton"),
                         batches=(1, 8), precisions=("fp32", "fp16"), warmup=1, iters=2, budget_s=1.0)
     runnable, skipped = plan(settings)
     assert runnable == {"eager": [Cell("mapper", "eager", "fp32", 1), Cell("mapper", "eager", "fp32", 8)]}
@@ -61,7 +61,7 @@ def test_plan_skips_what_cannot_run_here_with_a_reason():
 
 
 def _results(rows):
-    settings = {"preset": "demo", "device": "cpu", "stages": ["mapper", "generator"], "warmup": 1, "iters": 3,
+    settings = {"preset": "random", "device": "cpu", "stages": ["mapper", "generator"], "warmup": 1, "iters": 3,
                 "budget_s": 1.0}
     machine = {"cpu": "test cpu", "versions": {"torch": "x"}}
     return {"format": report.FORMAT, "format_version": report.FORMAT_VERSION, "created": "2026-01-01T00:00:00",

@@ -207,8 +207,8 @@ def test_bundle_round_trip_and_preset_default(tmp_path, reference):
     save_module(path, load_generator(src))
     _assert_matches_reference(load_generator(path, device="cpu"), ref, latent_avg)
 
-    default = load_generator(preset="demo")
-    p = get_preset("demo")
+    default = load_generator(preset="random")
+    p = get_preset("random")
     expected = build_generator(p.generator, p.seed + 2)
     for key, value in expected.state_dict().items():
         assert torch.equal(value, default.state_dict()[key]), key

@@ -66,7 +66,7 @@ def test_mapper_bundle_round_trip_and_preset_default(tmp_path, release_file):
     save_module(bundle, load_mapper(path))
     _assert_matches_reference(load_mapper(bundle), blocks)
 
-    p = get_preset("demo")
+    p = get_preset("random")
     expected = build_mapper(p.mapper, p.seed + 1).state_dict()
-    for key, value in load_mapper(preset="demo").state_dict().items():
+    for key, value in load_mapper(preset="random").state_dict().items():
         assert torch.equal(value, expected[key]), key

@@ -9,11 +9,12 @@ from PIL import Image
 
 from ffclip.checkpoints.bundle import save_module
 from ffclip.cli import main
-from ffclip.config import MapperConfig, get_preset
+from ffclip.config import DEFAULT_PRESET, MapperConfig, get_preset
 from ffclip.factory import build_mapper
 
-NUM_WS = get_preset("demo").generator.num_ws
-RES = get_preset("demo").generator.resolution
+NUM_WS = get_preset(DEFAULT_PRESET).generator.num_ws
+RES = get_preset(DEFAULT_PRESET).generator.resolution
+DIM = get_preset(DEFAULT_PRESET).generator.style_dim
 
 
 def run(monkeypatch, capsys, *args):
@@ -43,12 +44,12 @@ def test_edit_on_embedded_default_writes_grid_and_latents(monkeypatch, capsys, t
     code, stdout, err = run(monkeypatch, capsys, "edit", "--num", 2, "--prompt", "blond hair", "--prompt", "smiling",
                             "--out", out, "--device", "cpu")
     assert code == 0, err
-    assert "seeded random" in err
+    assert "seeded random" not in err  # the default preset ships trained weights
     header_and_rows = Image.open(out).size
     assert header_and_rows[0] == 3 * RES
     assert header_and_rows[1] > 2 * RES
     latents = np.load(tmp_path / "grid_latents.npy")
-    assert latents.shape == (2, 2, NUM_WS, 512) and latents.dtype == np.float32
+    assert latents.shape == (2, 2, NUM_WS, DIM) and latents.dtype == np.float32
     assert f"wrote {out}" in stdout
     # the edit is deterministic and the two prompts give different latents
     assert not np.allclose(latents[0], latents[1])
@@ -57,11 +58,11 @@ def test_edit_on_embedded_default_writes_grid_and_latents(monkeypatch, capsys, t
 @pytest.mark.slow
 def test_edit_reads_latents_and_broadcasts_w(monkeypatch, capsys, tmp_path):
     w = tmp_path / "w.npy"
-    np.save(w, np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32))
+    np.save(w, np.random.default_rng(0).standard_normal((1, DIM)).astype(np.float32))
     code, _, err = run(monkeypatch, capsys, "edit", "--latents", w, "--prompt", "red hair",
                        "--out", tmp_path / "one.png", "--device", "cpu")
     assert code == 0, err
-    assert np.load(tmp_path / "one_latents.npy").shape == (1, 1, NUM_WS, 512)
+    assert np.load(tmp_path / "one_latents.npy").shape == (1, 1, NUM_WS, DIM)
 
 
 def test_wrong_kind_of_checkpoint(monkeypatch, capsys, tmp_path):
@@ -84,9 +85,9 @@ def test_truncated_checkpoint(monkeypatch, capsys, tmp_path):
 @pytest.mark.parametrize(
     "content, fragment",
     [
-        (np.zeros((2, 3, 512), np.float32), "shape"),
-        (np.zeros((2, NUM_WS, 512), np.int64), "floating point"),
-        (np.full((1, NUM_WS, 512), np.nan, np.float32), "NaN"),
+        (np.zeros((2, 3, DIM), np.float32), "shape"),
+        (np.zeros((2, NUM_WS, DIM), np.int64), "floating point"),
+        (np.full((1, NUM_WS, DIM), np.nan, np.float32), "NaN"),
     ],
 )
 def test_bad_latents(monkeypatch, capsys, tmp_path, content, fragment):

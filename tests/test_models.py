@@ -119,7 +119,7 @@ def test_bundle_of_wrong_kind_is_refused(tmp_path):
 
 
 def test_presets_are_consistent():
-    for name in ("demo", "ffhq-1024"):
+    for name in ("random", "ffhq-1024"):
         preset = get_preset(name)
         assert preset.mapper.num_ws == preset.generator.num_ws
         assert preset.text.embed_dim == preset.mapper.dim

@@ -8,10 +8,11 @@ tensors, loads strictly and returns the module in eval mode with gradients off. 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
-from ..config import TextConfig, get_preset
+from ..config import DEFAULT_PRESET, Preset, TextConfig, get_preset
 from ..factory import build_generator, build_mapper, build_text_encoder
 from ..errors import CheckpointError, summarize
 from ..models import Generator, Mapper, TextEncoder
@@ -40,14 +41,27 @@ def _bundle(path: str | os.PathLike, kind: str, accepted: str) -> torch.nn.Modul
     return module_from_bundle(found)
 
 
+def _embedded(preset: Preset, kind: str) -> Path:
+    """The trained bundle that ships with `preset`; a missing one says how to make it."""
+    path = preset.weights_file(kind)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: the '{preset.name}' preset's trained {kind} weights are missing; run "
+                              "`make world` to train them, or pass the weights' path")
+    return path
+
+
 def _wrong_kind(path: str | os.PathLike, kind: FileKind, obj: object, accepted: str) -> CheckpointError:
     return checkpoint_error(path, f"{kind.description} {describe(obj)}", accepted)
 
 
-def load_generator(path: str | os.PathLike | None = None, *, preset: str = "demo", device: str = "cpu") -> Generator:
+def load_generator(
+    path: str | os.PathLike | None = None, *, preset: str = DEFAULT_PRESET, device: str = "cpu"
+) -> Generator:
     """The generator in `path` (bundle, rosinality, NVIDIA or FFCLIP release file), or the preset's default."""
     if path is None:
         p = get_preset(preset)
+        if p.weights:
+            return _bundle(_embedded(p, "generator"), "generator", GENERATOR_FORMATS).to(device)
         return build_generator(p.generator, p.seed + 2).to(device)
     kind = sniff(path, GENERATOR_FORMATS)
     if kind.kind == "bundle":
@@ -78,10 +92,12 @@ def extract_generator(path: str | os.PathLike) -> Generator:
     return release.generator_from_release(obj, path, RELEASE_FORMATS)
 
 
-def load_mapper(path: str | os.PathLike | None = None, *, preset: str = "demo", device: str = "cpu") -> Mapper:
+def load_mapper(path: str | os.PathLike | None = None, *, preset: str = DEFAULT_PRESET, device: str = "cpu") -> Mapper:
     """The mapper in `path` (bundle or FFCLIP release checkpoint), or the preset's default."""
     if path is None:
         p = get_preset(preset)
+        if p.weights:
+            return _bundle(_embedded(p, "mapper"), "mapper", MAPPER_FORMATS).to(device)
         return build_mapper(p.mapper, p.seed + 1).to(device)
     kind = sniff(path, MAPPER_FORMATS)
     if kind.kind == "bundle":
@@ -98,7 +114,7 @@ def load_text_encoder(
     path: str | os.PathLike | None = None,
     model: str | TextConfig | None = None,
     *,
-    preset: str = "demo",
+    preset: str = DEFAULT_PRESET,
     vision: bool = False,
     device: str = "cpu",
 ) -> TextEncoder:
@@ -107,7 +123,9 @@ def load_text_encoder(
     own. `vision` keeps the image tower."""
     if path is None:
         p = get_preset(preset)
-        return build_text_encoder(p.text, p.seed, vision=vision).to(device)
+        if not p.weights:
+            return build_text_encoder(p.text, p.seed, vision=vision).to(device)
+        path = _embedded(p, "text_encoder")
     kind = sniff(path, TEXT_FORMATS)
     if kind.kind == "bundle":
         encoder = _bundle(path, "text_encoder", TEXT_FORMATS)

@@ -80,7 +80,10 @@ def edit(
     check_output_file(out, "--out")
     check_strength(strength, 1)
     stages = _open_stages(sources, resolve_device(device), artifacts, backend)
-    w = load_latents(latents, stages.num_ws) if latents else stages.sample_latents(num, seed, truncation)
+    if latents:
+        w = load_latents(latents, stages.num_ws, stages.embed_dim)
+    else:
+        w = stages.sample_latents(num, seed, truncation)
     embeddings = stages.encode_text(list(prompts))
 
     _say(f"rendering {w.shape[0]} original(s) at {stages.resolution} px")
@@ -104,9 +107,9 @@ def _open_stages(sources: StageSources, device: torch.device, artifacts: Path | 
 
     if artifacts is None:
         pipeline = EditPipeline(*sources.load(device), device=device)
-        if sources.is_embedded_default:
+        if sources.is_seeded_random:
             _say(
-                f"note: using the embedded '{sources.preset}' default; its weights are seeded random, not trained, "
+                f"note: using the '{sources.preset}' preset; its weights are seeded random, not trained, "
                 "so the pictures are not faces and the edits are not meaningful. Pass --generator/--mapper/--clip "
                 "for real weights."
             )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..config import PRESETS
+from ..config import DEFAULT_PRESET, PRESETS, get_preset
 from ..errors import InputError
 
 
@@ -23,6 +23,11 @@ class StageSources:
     clip_model: str | None
     preset: str
     preset_given: bool = False  # --preset was on the command line (not its default)
+
+    @property
+    def is_seeded_random(self) -> bool:
+        """No file given and the preset ships no trained weights: every stage is seeded random."""
+        return self.is_embedded_default and not get_preset(self.preset).weights
 
     @property
     def is_embedded_default(self) -> bool:
@@ -57,9 +62,10 @@ def stage_options(command: Callable) -> Callable:
         click.option(
             "--preset",
             type=click.Choice(sorted(PRESETS)),
-            default="demo",
+            default=DEFAULT_PRESET,
             show_default=True,
-            help="Configuration used for any stage whose file is not given (seeded random weights).",
+            help="Configuration used for any stage whose file is not given (its trained weights, or seeded random "
+            "weights for a preset without any).",
         ),
     ]
 

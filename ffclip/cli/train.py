@@ -87,7 +87,7 @@ def train(
     if resume:
         trainer.resume(out)
         click.echo(f"resumed at step {trainer.step} from {out}", err=True)
-    if sources.is_embedded_default:
+    if sources.is_seeded_random:
         click.echo(f"note: the '{sources.preset}' generator and CLIP are seeded random; this trains the machinery, "
                    "not a useful mapper", err=True)
 

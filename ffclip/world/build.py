@@ -22,9 +22,9 @@ from .stage import log
 
 # stage 3: the mapper, through ffclip-train; every value is passed explicitly
 MAPPER_TRAINING = {
-    "--steps": "1500",
+    "--steps": "1000",
     "--batch-size": "16",
-    "--lr": "5e-4",
+    "--lr": "1e-3",
     "--save-every": "100",
     "--lambda-clip": "1.0",
     "--lambda-latent": "0.3",
@@ -78,7 +78,8 @@ def _run_first_stages(out: Path, threads: int) -> None:
     procs = [subprocess.Popen(_stage_command(s, out, each)) for s in todo]
     codes = [p.wait() for p in procs]
     if any(codes):
-        raise click.ClickException(f"stage {todo[codes.index(next(c for c in codes if c))]} failed; run again to resume")
+        failed = [s for s, c in zip(todo, codes) if c]
+        raise click.ClickException(f"stage {', '.join(failed)} failed; run `make world` again to resume")
 
 
 def _write_mapper_inputs(out: Path) -> None:
@@ -94,8 +95,11 @@ def _write_mapper_inputs(out: Path) -> None:
 
 
 def _train_mapper(out: Path, threads: int) -> None:
+    from ..checkpoints.bundle import load_bundle
+
     folder = out / "mapper"
-    if (folder / "mapper.safetensors").exists():
+    done = folder / "mapper.safetensors"
+    if done.exists() and load_bundle(done).extra.get("trained_steps") == int(MAPPER_TRAINING["--steps"]):
         log("stage 3: mapper already trained")
         return
     command = [str(Path(sys.executable).parent / "ffclip-train"),

@@ -1,11 +1,13 @@
 """Stage 2: the world CLIP, an open_clip model trained contrastively on rendered scenes and their captions.
 
 A caption may leave attributes open ("a red circle" fits a red circle on either background), so the loss counts
-every caption in the batch that fits a picture as a positive of it, in both directions. Pictures come from a pool rendered once (the world has
-few distinct pictures); captions are drawn afresh every step. Colours are the easiest
-to tell apart, so half the batches hold pictures of one colour on one background only: there, captions must be told
-apart by shape, size and wording. A quarter of the captions get
-a few random tokens inserted, so that words outside the training templates are taken as noise, not as meaning.
+every caption in the batch that fits a picture as a positive of it, in both directions. Pictures come from a pool
+rendered once (the world has few distinct pictures); captions are drawn afresh every step. Colours are the easiest to
+tell apart, so half the batches hold pictures of one colour on one background only: there, captions must be told
+apart by shape, size and wording. In the last steps every batch also holds pictures that are no scene of the world
+(colours off the palette) and that no caption may pick, so that an edit steered by this model must reach the palette.
+A quarter of the captions get a few random tokens inserted, so that words outside the training templates are taken
+as noise, not as meaning.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..factory import build_text_encoder
 from ..models import TextEncoder
 from ..training import ClipImageEmbedder
 from .captions import caption
-from .scenes import ATTRIBUTES, render, render_uint8, sample_scene, sample_scenes
+from .scenes import ATTRIBUTES, render, render_uint8, resolution, sample_scene, sample_scenes, spec
 from .stage import ResumableLoop
 
 EOT_TOKEN = 49407  # open_clip finds the end of a text as the largest token id
@@ -29,13 +31,15 @@ EOT_TOKEN = 49407  # open_clip finds the end of a text as the largest token id
 
 @dataclass(frozen=True)
 class ClipTraining:
-    steps: int = 800
+    steps: int = 2200
     batch_size: int = 64
     pool_size: int = 12000
     lr: float = 2e-3
     weight_decay: float = 0.05
     noisy_fraction: float = 0.25
     hard_fraction: float = 0.5
+    off_spec_images: int = 32
+    off_spec_from: int = 1600
     image_noise: float = 0.03
     save_every: int = 100
     seed: int = 0
@@ -53,6 +57,26 @@ def insert_random_tokens(tokens: torch.Tensor, rows: torch.Tensor, gen: torch.Ge
             out[i, at + 1:end + 2] = out[i, at:end + 1].clone()
             out[i, at] = int(torch.randint(256, EOT_TOKEN - 2, (1,), generator=gen))
     return out
+
+
+def off_spec(scenes: list, gen: torch.Generator) -> torch.Tensor:
+    """Pictures that are no scene of the world, for captions to be told apart from: the scenes' shapes in colours off
+    the palette (a blend of two palette colours, or either colour pulled towards a random one)."""
+    from .scenes import _palette, coverage, values
+
+    b = len(scenes)
+    idx = lambda a: torch.tensor([values(a).index(getattr(s, a)) for s in scenes])  # noqa: E731
+    cov = coverage(idx("shape"), torch.tensor([spec()["size"][s.size] for s in scenes]),
+                   torch.tensor([0.5 + s.dx for s in scenes]), torch.tensor([0.5 + s.dy for s in scenes]),
+                   resolution())[:, None]
+    fg, bg = _palette("color")[idx("color")], _palette("background")[idx("background")]
+    other = _palette("color")[torch.randint(0, len(values("color")), (b,), generator=gen)]
+    pull = 0.3 + 0.4 * torch.rand(b, 1, generator=gen)
+    target = torch.where(torch.rand(b, 1, generator=gen) < 0.5, other, 255 * torch.rand(b, 3, generator=gen))
+    on_bg = torch.rand(b, 1, generator=gen) < 0.3
+    fg = torch.where(on_bg, fg, fg + pull * (target - fg))
+    bg = torch.where(on_bg, bg + pull * (target - bg), bg)
+    return (bg[:, :, None, None] + (fg - bg)[:, :, None, None] * cov) / 127.5 - 1
 
 
 def fits(scenes: list, mentioned: list[frozenset[str]], subjects: list) -> torch.Tensor:
@@ -108,11 +132,16 @@ def train_clip(config: TextConfig, training: ClipTraining, folder: str | os.Path
         tokens = insert_random_tokens(tokens, noisy, torch_rng)
         images = pool_images[picked].permute(0, 3, 1, 2).float() / 127.5 - 1
         images = images + training.image_noise * torch.randn(images.shape, generator=torch_rng)
+        n_off = training.off_spec_images if i >= training.off_spec_from else 0
+        if n_off:
+            images = torch.cat([images, off_spec(scenes[:n_off], torch_rng)])
         image_emb = torch.nn.functional.normalize(embedder(images), dim=-1)
         text_emb = torch.nn.functional.normalize(encoder(tokens), dim=-1)
         logits = encoder.clip.logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T
         positive = fits(scenes, list(mentioned), scenes)  # [image, caption]
-        loss = (multi_positive_loss(logits, positive) + multi_positive_loss(logits.T, positive.T)) / 2
+        real = len(scenes)
+        loss = (multi_positive_loss(logits[:real], positive)
+                + multi_positive_loss(logits.T, torch.cat([positive.T, positive.new_zeros(real, n_off)], 1))) / 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

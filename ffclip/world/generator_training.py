@@ -6,7 +6,9 @@ squashed pair for the centre offset. Decoding it and drawing at once learns slow
 1. synthesis: the synthesis network learns to draw scenes from a learned scene code (one vector per attribute value,
    summed, plus the offset along two vectors), against the exact rendering;
 2. mapping: the mapping network learns to regress `z` onto the code of the scene `z` stands for (cheap steps);
-3. joint: mapping and synthesis are tuned together from `z` to pixels.
+3. joint: mapping and synthesis are tuned together from `z` to pixels; half the codes are moved part of the way (less
+   than half) towards the code of a scene that differs in one attribute, and must still draw their own scene, so
+   that the way from one scene to its one-attribute edit stays on valid pictures.
 
 In phases 1 and 3 half the batches mix two codes across the layers (geometry from the coarse layers, colours from
 the fine ones) and a quarter of the codes are truncated towards the mean, so that edited and truncated `w+` still
@@ -71,16 +73,18 @@ class SceneCode(nn.Module):
 @dataclass(frozen=True)
 class GeneratorTraining:
     synthesis_steps: int = 2500
-    mapping_steps: int = 12000
-    joint_steps: int = 400
+    mapping_steps: int = 8000
+    joint_steps: int = 2400
     batch_size: int = 16
     mapping_batch_size: int = 256
     lr: float = 3e-3
-    mapping_lr: float = 6e-3
+    mapping_lr: float = 6e-2
     mix_probability: float = 0.5
     truncated_fraction: float = 0.25
     min_truncation: float = 0.6
     split_layer: int = 4  # layers [0, split) are the coarse ones
+    stepped_fraction: float = 0.5
+    max_step_towards: float = 0.45
     save_every: int = 100
     seed: int = 0
 
@@ -151,7 +155,14 @@ def train_generator(config: GeneratorConfig, t: GeneratorTraining, folder: str |
     def joint_step(gen: torch.Generator) -> torch.Tensor:
         z = torch.randn(2 * b, d, generator=gen)
         scenes = scene_from_z(z)
-        w = generator.mapping_network(z)
+        # part of the way towards a code whose entry for one attribute was drawn again: still the first scene
+        other = z.clone()
+        rows = torch.arange(2 * b)
+        other[rows, torch.randint(0, len(ATTRIBUTES), (2 * b,), generator=gen)] = torch.randn(2 * b, generator=gen)
+        w, w_other = generator.mapping_network(torch.cat([z, other])).chunk(2)
+        step = t.max_step_towards * torch.rand(2 * b, 1, generator=gen)
+        step[torch.rand(2 * b, generator=gen) >= t.stepped_fraction] = 0
+        w = w + step * (w_other - w)
         w = _truncate(w, w.detach().mean(0), t, gen)
         mixed = torch.rand(b, generator=gen) < t.mix_probability
         targets = render([mix(a, c) if m else a for a, c, m in zip(scenes[:b], scenes[b:], mixed.tolist())])
@@ -160,7 +171,7 @@ def train_generator(config: GeneratorConfig, t: GeneratorTraining, folder: str |
     synthesis_params = list(generator.synthesis_network.parameters()) + list(code.parameters())
     phase("synthesis", t.synthesis_steps, synthesis_params, t.lr, synthesis_step)
     phase("mapping", t.mapping_steps, generator.mapping_network.parameters(), t.mapping_lr, mapping_step)
-    phase("joint", t.joint_steps, generator.parameters(), t.lr / 10, joint_step)
+    phase("joint", t.joint_steps, generator.parameters(), t.lr / 3, joint_step)
     generator.eval().requires_grad_(False)
     generator.estimate_w_avg(seed=t.seed)
     log("[generator] done")

@@ -15,7 +15,7 @@ import torch
 from .scenes import Scene, _palette, coverage, max_offset, render, spec, values
 
 COLOR_TOLERANCE = 48.0  # sRGB distance from a palette colour
-MIN_IOU = 0.8  # soft overlap of the object with the best-fitting spec shape
+MIN_IOU = 0.8  # overlap (intersection over union) of the object with the best-fitting spec shape
 CENTRE_SLACK = 0.03  # image sides beyond the jitter
 MAX_RESIDUAL = 12.0  # mean absolute sRGB difference to the re-rendered scene
 CORNER = 4  # pixels of each corner patch read for the background
@@ -80,7 +80,9 @@ def judge_one(pixels: torch.Tensor) -> Judgement:
         torch.full((len(candidates),), cy),
         r,
     )
-    iou = torch.minimum(fits, soft).sum(dim=(1, 2)) / torch.maximum(fits, soft).sum(dim=(1, 2))
+    # overlap of the half-coverage outlines: an antialiased or slightly soft edge moves them by less than a pixel
+    fits = fits > 0.5
+    iou = (fits & hard).sum(dim=(1, 2)) / (fits | hard).sum(dim=(1, 2))
     best = int(iou.argmax())
     best_iou = float(iou[best])
     if best_iou < MIN_IOU:
