@@ -22,13 +22,13 @@ from .stage import log
 
 # stage 3: the mapper, through ffclip-train; every value is passed explicitly
 MAPPER_TRAINING = {
-    "--steps": "1000",
+    "--steps": "2500",
     "--batch-size": "16",
     "--lr": "1e-3",
     "--save-every": "100",
     "--lambda-clip": "1.0",
     "--lambda-latent": "0.3",
-    "--lambda-embedding": "0.0",
+    "--lambda-embedding": "0.005",
     "--truncation": "1.0",
     "--seed": "0",
 }
