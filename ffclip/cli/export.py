@@ -72,10 +72,10 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
         raise
     _summary(console, Table, report.outcomes)
     click.echo(f"wrote {out}")
-
-
     click.echo(f"manifest sha256 {report.manifest_sha256} (pin the folder with Runtime.load(..., "
                "expected_sha256=...))")
+
+
 def _summary(console, table_cls, outcomes) -> None:
     table = table_cls(title="export")
     for column in ("stage", "format", "result", "seconds", "detail"):
