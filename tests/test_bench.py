@@ -149,7 +149,7 @@ def test_a_failing_worker_reports_its_last_error_line(tmp_path):
 
 def test_tiny_run_writes_results_and_lists_unavailable_backends(tmp_path, capsys):
     out = tmp_path / "bench"
-    args = ["--stages", "mapper", "--batch", "1", "--iters", "2", "--warmup", "1", "--device", "cpu",
+    args = ["--preset", "random", "--stages", "mapper", "--batch", "1", "--iters", "2", "--warmup", "1", "--device", "cpu",
             "--backends", "eager,tensorrt,triton", "--precision", "fp32,fp16", "--out", str(out)]
     with pytest.raises(SystemExit) as exit_info:
         _bench_main(args)

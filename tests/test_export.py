@@ -54,7 +54,7 @@ def test_failed_export_leaves_older_folder_and_no_temporary(tiny_export, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setitem(exporter_module._BUILDERS, "torchscript", broken)
+    monkeypatch.setitem(exporter_module._BUILDERS, "onnx", broken)
     with pytest.raises(ExportFailed, match="simulated failure"):
         export_artifacts(build_preset(TINY), folder, OPTIONS, preset="tiny", sources={})
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
