@@ -33,9 +33,9 @@ EPILOGUE_CONFIGS: list[Config] = [
 ]
 # Channel attention: BLOCK_I rows of the attention matrix per program, BLOCK_J columns per step.
 ATTENTION_CONFIGS: list[Config] = [
-    {"BLOCK_I": 32, "BLOCK_J": 128, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_I": 32, "BLOCK_J": 128, "num_warps": 8, "num_stages": 2},
     {"BLOCK_I": 64, "BLOCK_J": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_I": 16, "BLOCK_J": 256, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_I": 32, "BLOCK_J": 64, "num_warps": 4, "num_stages": 2},
 ]
 # The same kernel on fp32 inputs (IEEE dots on the FMA units): the tiles above spill there, so at most 8 score
 # elements per thread.
