@@ -25,9 +25,9 @@ from ffclip.outputs import check_output_folder
 
 from .manifest import MANIFEST, read_manifest, sha256, write_manifest
 from .onnx_export import DEFAULT_OPSET, export_onnx
-from .openvino_export import export_openvino, openvino_skip_reason, stage_precision
+from .openvino_export import export_openvino, openvino_skip_reason
 from .parity import Parity, check_parity
-from .stages import FLOAT64_REFEREE, PRECISIONS, StageSpec, format_precision, stage_specs
+from .stages import FLOAT64_REFEREE, PRECISIONS, StageSpec, compute_precision, format_precision, stage_specs
 from .tensorrt_build import TIMING_CACHE, build_engine, export_precision_onnx
 from .torchscript_export import export_torchscript
 
@@ -271,7 +271,7 @@ def _build_openvino(spec, module, folder, options, entry, references) -> Parity:
     facts = export_openvino(folder / entry["files"]["onnx"], xml, spec.name, options.precision)
     entry["files"]["openvino"] = xml.relative_to(folder).as_posix()
     entry["openvino"] = {**facts, "weights": xml.with_suffix(".bin").relative_to(folder).as_posix()}
-    precision = stage_precision(spec.name, options.precision)
+    precision = compute_precision(spec.name, options.precision)
     return _parity(spec, folder, options, entry, "openvino", "openvino", torch.device("cpu"), precision, references)
 
 

@@ -12,13 +12,7 @@ from typing import Any
 
 from ffclip.engines.openvino import INFERENCE_PRECISIONS, bf16_reason, openvino_reason
 
-# stages that compute in f32 whatever the export precision
-FLOAT32_STAGES = ("mapper",)
-
-
-def stage_precision(stage: str, precision: str) -> str:
-    """The ffclip precision `stage` computes in under OpenVINO for an export at `precision` ("fp32" or "bf16")."""
-    return "fp32" if stage in FLOAT32_STAGES else precision
+from .stages import compute_precision
 
 
 def openvino_skip_reason(precision: str) -> str | None:
@@ -43,6 +37,6 @@ def export_openvino(onnx_path: Path, xml_path: Path, stage: str, precision: str)
     xml_path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
     return {
-        "inference_precision": INFERENCE_PRECISIONS[stage_precision(stage, precision)],
+        "inference_precision": INFERENCE_PRECISIONS[compute_precision(stage, precision)],
         "version": ov.get_version(),
     }

@@ -21,23 +21,16 @@ from ffclip.engines.tensorrt import gpu_facts, import_tensorrt, make_logger
 
 from . import tensorrt_operators
 from .onnx_export import export_onnx
-from .stages import PRECISIONS, StageSpec
+from .stages import PRECISIONS, StageSpec, compute_precision
 
 TIMING_CACHE = "tensorrt/timing.cache"
 _WORKSPACE_BYTES = 8 << 30
-# Stages whose numerics need float32 whatever the export precision (the mapper's normalisation across layers).
-FLOAT32_STAGES = ("mapper",)
 
 _ONNX_TYPES = {
     onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16",
     onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.BOOL: "BOOL",
     onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.INT8: "INT8", onnx.TensorProto.DOUBLE: "DOUBLE",
 }
-
-
-def compute_precision(stage: str, precision: str) -> str:
-    """The precision `stage` computes in under TensorRT for an export at `precision`."""
-    return "fp32" if stage in FLOAT32_STAGES else precision
 
 
 def precision_onnx_path(folder: Path, stage: str, precision: str) -> Path:
