@@ -1,32 +1,18 @@
 """`ffclip edit` on the embedded default, and the one-line errors that bad input gets (exit status 2)."""
 
-import sys
-
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli as run
 from PIL import Image
 
 from ffclip.checkpoints.bundle import save_module
-from ffclip.cli import main
 from ffclip.config import DEFAULT_PRESET, MapperConfig, get_preset
 from ffclip.factory import build_mapper
 
 NUM_WS = get_preset(DEFAULT_PRESET).generator.num_ws
 RES = get_preset(DEFAULT_PRESET).generator.resolution
 DIM = get_preset(DEFAULT_PRESET).generator.style_dim
-
-
-def run(monkeypatch, capsys, *args):
-    """Run the real `ffclip` entry point in this process; returns (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["ffclip", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_user_error(code, err, *fragments):

@@ -13,23 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from cli_runner import run_cli
+
 from ffclip.atomic import atomic_dir
 from ffclip.errors import InputError
 from ffclip.export.manifest import MANIFEST, ArtifactError, read_manifest
-
-
-def run_cli(monkeypatch, capsys, *args):
-    """Run the real `ffclip` entry point in this process; returns (exit status, stdout, stderr)."""
-    from ffclip.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["ffclip", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line_error(code, err, *fragments):

@@ -1,0 +1,19 @@
+"""Running the real `ffclip` entry point inside a test's process."""
+
+from __future__ import annotations
+
+import sys
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int | str | None, str, str]:
+    """Run `ffclip *args` in this process; returns (exit status, stdout, stderr)."""
+    from ffclip.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ffclip", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
