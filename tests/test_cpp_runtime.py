@@ -7,6 +7,7 @@ built once, also when pytest-xdist spreads tests over several processes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -112,9 +113,20 @@ def test_cpp_runtime_matches_python(tmp_path: Path) -> None:
         "tokens given as latents": [str(artifacts), str(tokens), str(tokens), str(out)],
         "wrong argument count": [str(artifacts), str(latents)],
     }
+    escaping = tmp_path / "escaping"
+    shutil.copytree(artifacts, escaping)
+    manifest = json.loads((escaping / "manifest.json").read_text())
+    # listed and hashed, so only the confinement can refuse it
+    mapper_files = manifest["stages"]["mapper"]["files"]
+    outside = "../tiny/" + mapper_files["torchscript"]
+    manifest["files"][outside] = manifest["files"][mapper_files["torchscript"]]
+    mapper_files["torchscript"] = outside
+    (escaping / "manifest.json").write_text(json.dumps(manifest))
+    cases["a stage path outside the folder"] = [str(escaping), str(latents), str(tokens), str(out)]
     for what, args in cases.items():
         result = subprocess.run([str(program), *args], capture_output=True, text=True, timeout=300)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, (what, result.stderr)
         assert len(lines) == 1 and lines[0].startswith("ffclip_edit: "), (what, result.stderr)
+    assert "points outside the artifact folder" in lines[0]
     assert not out.exists()

@@ -245,14 +245,27 @@ class Sha256 {
   uint64_t bits_ = 0;
 };
 
-std::string sha256_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path.string() + ": cannot be opened for reading; check its permissions");
+std::string sha256_hex(const std::string& bytes) {
   Sha256 hash;
-  std::vector<char> buf(1 << 20);
-  while (in.read(buf.data(), static_cast<std::streamsize>(buf.size())) || in.gcount() > 0)
-    hash.update(reinterpret_cast<const unsigned char*>(buf.data()), static_cast<size_t>(in.gcount()));
+  hash.update(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size());
   return hash.hex();
+}
+
+// A manifest path names a file inside the folder: relative, no "..", and still inside once symlinks are resolved.
+fs::path confined_path(const fs::path& folder, const std::string& rel, const std::string& where,
+                       const std::string& fix) {
+  const fs::path relative(rel);
+  bool escapes = rel.empty() || relative.is_absolute() || relative.has_root_name() || relative.has_root_directory();
+  for (const fs::path& part : relative) escapes = escapes || part == "..";
+  const fs::path path = folder / relative;
+  if (!escapes) {
+    const fs::path root = fs::weakly_canonical(folder);
+    const fs::path real = fs::weakly_canonical(path);
+    const auto [end, at] = std::mismatch(root.begin(), root.end(), real.begin(), real.end());
+    escapes = end != root.end();
+  }
+  if (escapes) throw Error(where + ": " + rel + " points outside the artifact folder" + fix);
+  return path;
 }
 
 // ---- manifest helpers ----
@@ -341,6 +354,7 @@ Runtime::Runtime(const fs::path& folder, bool verify) : folder_(folder), modules
   const Json& stages = require(manifest, "stages", Json::Kind::Object, where, fix);
   std::string device_type;
   std::vector<fs::path> paths;
+  std::vector<std::string> contents;
   for (const char* stage : kStages) {
     const std::string stage_where = where + " stages." + stage;
     const Json& entry = require(stages, stage, Json::Kind::Object, where + " stages", fix);
@@ -348,12 +362,14 @@ Runtime::Runtime(const fs::path& folder, bool verify) : folder_(folder), modules
     if (rel == nullptr || rel->kind != Json::Kind::String)
       throw Error(folder.string() + ": no torchscript artifact for the " + stage +
                   " stage; re-export with ffclip-export --formats torchscript --out " + folder.string());
-    const fs::path path = folder / rel->string;
+    const fs::path path = confined_path(folder, rel->string, stage_where, fix);
     const Json* digest = files.get(rel->string);
     if (digest == nullptr || digest->kind != Json::Kind::String)
       throw Error(where + ": " + rel->string + " is not listed under \"files\"" + fix);
     if (!fs::is_regular_file(path)) throw Error(path.string() + ": missing from the artifact folder" + fix);
-    if (verify && sha256_file(path) != digest->string)
+    // read once: the bytes that are hashed are the bytes that are loaded
+    std::string bytes = read_text(path);
+    if (verify && sha256_hex(bytes) != digest->string)
       throw Error(path.string() + ": changed since export (sha256 differs from manifest.json)" + fix);
 
     std::string traced_on = "cpu";
@@ -364,6 +380,7 @@ Runtime::Runtime(const fs::path& folder, bool verify) : folder_(folder), modules
       throw Error(where + ": stages were traced on different devices (" + device_type + ", " + traced_on + ")" + fix);
     device_type = traced_on;
     paths.push_back(path);
+    contents.push_back(std::move(bytes));
   }
 
   if (device_type == "cuda") {
@@ -378,7 +395,8 @@ Runtime::Runtime(const fs::path& folder, bool verify) : folder_(folder), modules
   torch::jit::script::Module* modules[] = {&modules_->text_encoder, &modules_->mapper, &modules_->generator};
   for (size_t i = 0; i < paths.size(); ++i) {
     try {
-      *modules[i] = torch::jit::load(paths[i].string(), device_);
+      std::istringstream in(contents[i]);
+      *modules[i] = torch::jit::load(in, device_);
       modules[i]->eval();
     } catch (const std::exception& e) {
       throw Error(paths[i].string() + ": not a loadable TorchScript module (" + message_of(e) + ")" + fix);
