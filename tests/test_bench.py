@@ -1,17 +1,15 @@
 """ffclip-bench: statistics, comparison of two result files, a tiny end-to-end run, and one-line argument errors."""
 
 import json
-import sys
 import time
 
 import pytest
 import torch
+from cli_runner import run_bench as _bench_main
 
 from ffclip.benchmarks import report
-from ffclip.benchmarks.cli import bench
 from ffclip.benchmarks.runner import Cell, Settings, WorkerFailed, plan, run_worker
 from ffclip.benchmarks.timing import PeakMemory, percentile, summarize, time_calls
-from ffclip.cli import _run
 
 
 def test_percentiles_interpolate_linearly_between_order_statistics():
@@ -99,17 +97,6 @@ def test_compare_gives_b_over_a_for_matching_measured_rows(two_runs, capsys):
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
     assert "0.500" in out and "1.500" in out and "onnxruntime" not in out
-
-
-def _bench_main(args):
-    """Run the `ffclip-bench` entry point in this process."""
-    saved = sys.argv
-    sys.argv = ["ffclip-bench", *args]
-    try:
-        _run(bench, "ffclip-bench")
-        raise SystemExit(0)
-    finally:
-        sys.argv = saved
 
 
 @pytest.mark.parametrize(

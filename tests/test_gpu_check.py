@@ -3,22 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
-
-from ffclip.benchmarks.cli import bench
-from ffclip.cli import _run
-
-
-def _bench_main(args):
-    saved = sys.argv
-    sys.argv = ["ffclip-bench", *args]
-    try:
-        _run(bench, "ffclip-bench")
-        raise SystemExit(0)
-    finally:
-        sys.argv = saved
+from cli_runner import run_bench as _bench_main
 
 
 def test_the_dry_run_checks_everything_it_can_on_the_cpu(tmp_path, capsys):
