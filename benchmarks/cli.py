@@ -21,9 +21,9 @@ from ffclip.cli.options import folder_preset, preset_given
 from ffclip.errors import FfclipError, InputError
 from ffclip.outputs import check_output_folder
 
-from .backends import BACKENDS, PRECISIONS, STAGES
-from .report import FORMAT, FORMAT_VERSION, compare, compare_table, load_results, markdown, rich_tables, write_results
-from .runner import Benchmark, Settings
+from ffclip.benchmarks.backends import BACKENDS, PRECISIONS, STAGES
+from ffclip.benchmarks.report import FORMAT, FORMAT_VERSION, compare, compare_table, load_results, markdown, rich_tables, write_results
+from ffclip.benchmarks.runner import Benchmark, Settings
 
 
 def parse_names(value: str, known: tuple[str, ...], option: str) -> tuple[str, ...]:
@@ -129,7 +129,7 @@ def bench(preset: str, artifacts: Path | None, backends: str, stages: str, batch
 
 
 def _gpu_check(out: Path | None, dry_run: bool) -> None:
-    from .gpu_check import check_command
+    from ffclip.benchmarks.gpu_check import check_command
 
     if out is None:
         raise InputError("--gpu-check needs --out DIR for gpu_check.json and gpu_check.md")
@@ -141,7 +141,7 @@ def _gpu_check(out: Path | None, dry_run: bool) -> None:
 def _serve_load(preset: str, artifacts: Path | None, out: Path | None) -> None:
     from ffclip.cli.options import StageSources
 
-    from .serve_load import Plan, markdown, run_load
+    from ffclip.benchmarks.serve_load import Plan, markdown, run_load
 
     out = out or Path("artifacts") / "bench" / f"serve-{preset}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     results = run_load(StageSources(None, None, None, None, preset), artifacts, "auto", Plan(), out,

@@ -14,7 +14,7 @@ from rich.table import Table
 from ffclip.atomic import atomic_file
 from ffclip.errors import InputError
 
-from .backends import BACKENDS, STAGES
+from ffclip.benchmarks.backends import BACKENDS, STAGES
 
 FORMAT = "ffclip-bench"
 FORMAT_VERSION = 1

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .backends import RUNTIME_BACKENDS, export_group, skip_reason
-from .machine import machine_info
+from ffclip.benchmarks.backends import RUNTIME_BACKENDS, export_group, skip_reason
+from ffclip.benchmarks.machine import machine_info
 
 ROW_FIELDS = (
     "stage", "backend", "precision", "batch", "status", "reason", "n",

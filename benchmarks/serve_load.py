@@ -27,8 +27,8 @@ from ffclip.atomic import atomic_file
 from ffclip.cli.options import StageSources
 from ffclip.errors import FfclipError, InputError, summarize
 
-from .machine import machine_info
-from .timing import percentile
+from ffclip.benchmarks.machine import machine_info
+from ffclip.benchmarks.timing import percentile
 
 PROMPTS = ("a red circle", "a blue square", "a small green triangle", "a large yellow star")
 

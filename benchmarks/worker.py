@@ -28,10 +28,10 @@ import torch
 from ffclip.atomic import atomic_file
 from ffclip.errors import FfclipError, summarize as summarize_error
 
-from .backends import EXPORTED_STAGES, StageSet, build_modules, module_stages, open_stages, stage_flops
-from .machine import cpu_fp32_peak, machine_info
-from .runner import Cell
-from .timing import PeakMemory, release_freed_memory, summarize, time_calls
+from ffclip.benchmarks.backends import EXPORTED_STAGES, StageSet, build_modules, module_stages, open_stages, stage_flops
+from ffclip.benchmarks.machine import cpu_fp32_peak, machine_info
+from ffclip.benchmarks.runner import Cell
+from ffclip.benchmarks.timing import PeakMemory, release_freed_memory, summarize, time_calls
 
 PROMPTS = (
     "blond hair", "a smiling face", "wearing glasses", "an old person", "curly red hair", "a thick beard",

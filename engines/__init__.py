@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import EngineUnavailable, StageEngine, StageInfo, TensorInfo
+from ffclip.engines.base import EngineUnavailable, StageEngine, StageInfo, TensorInfo
 
 # backend name -> "module:class"; a module that is not installed makes its backend unavailable, not an error
 BACKENDS: dict[str, str] = {

@@ -9,7 +9,7 @@ import torch
 
 from ffclip.checkpoints.bundle import load_module
 
-from .base import StageEngine, StageInfo, cuda_reason
+from ffclip.engines.base import StageEngine, StageInfo, cuda_reason
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

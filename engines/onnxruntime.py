@@ -13,7 +13,7 @@ import torch
 from ffclip.errors import summarize
 from ffclip.export.manifest import ArtifactError
 
-from .base import StageEngine, StageInfo, cuda_reason
+from ffclip.engines.base import StageEngine, StageInfo, cuda_reason
 
 
 def _tensors(graph: Any) -> Iterator[Any]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import EngineUnavailable, StageEngine, StageInfo
+from ffclip.engines.base import EngineUnavailable, StageEngine, StageInfo
 
 MODES = ("auto", "latency", "throughput")
 # inference precision hint per ffclip precision name

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .base import DTYPES, EngineUnavailable, StageEngine, StageInfo
+from ffclip.engines.base import DTYPES, EngineUnavailable, StageEngine, StageInfo
 
 _LOG = logging.getLogger("ffclip.tensorrt")
 # TensorRT's DataType names -> the manifest's dtype names

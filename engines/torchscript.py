@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .base import EngineUnavailable, StageEngine, StageInfo, cuda_reason
+from ffclip.engines.base import EngineUnavailable, StageEngine, StageInfo, cuda_reason
 
 
 class TorchScriptEngine(StageEngine):

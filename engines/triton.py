@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .base import StageInfo, cuda_reason
-from .eager import EagerEngine
+from ffclip.engines.base import StageInfo, cuda_reason
+from ffclip.engines.eager import EagerEngine
 
 
 class TritonEngine(EagerEngine):

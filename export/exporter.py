@@ -23,13 +23,13 @@ from ffclip.engines.tensorrt import bf16_supported, tensorrt_reason
 from ffclip.errors import FfclipError, InputError, summarize
 from ffclip.outputs import check_output_folder
 
-from .manifest import MANIFEST, read_manifest, sha256, write_manifest
-from .onnx_export import DEFAULT_OPSET, export_onnx
-from .openvino_export import export_openvino, openvino_skip_reason
-from .parity import Parity, check_parity
-from .stages import FLOAT64_REFEREE, PRECISIONS, StageSpec, compute_precision, format_precision, stage_specs
-from .tensorrt_build import TIMING_CACHE, build_engine, export_precision_onnx
-from .torchscript_export import export_torchscript
+from ffclip.export.manifest import MANIFEST, read_manifest, sha256, write_manifest
+from ffclip.export.onnx_export import DEFAULT_OPSET, export_onnx
+from ffclip.export.openvino_export import export_openvino, openvino_skip_reason
+from ffclip.export.parity import Parity, check_parity
+from ffclip.export.stages import FLOAT64_REFEREE, PRECISIONS, StageSpec, compute_precision, format_precision, stage_specs
+from ffclip.export.tensorrt_build import TIMING_CACHE, build_engine, export_precision_onnx
+from ffclip.export.torchscript_export import export_torchscript
 
 FORMATS = ("onnx", "torchscript", "tensorrt", "openvino")
 

@@ -122,7 +122,7 @@ def read_manifest(folder: str | os.PathLike, verify: bool = True, expected_sha25
 def _check_form(folder: Path, manifest: dict[str, Any]) -> None:
     """Refuse a manifest whose keys the runtime relies on are missing or of the wrong type, or whose paths leave the
     folder or name files that are not hashed."""
-    from .stages import STAGES
+    from ffclip.export.stages import STAGES
 
     def need(ok: bool, what: str) -> None:
         if not ok:

@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 import torch
 from torch import nn
 
-from .stages import Boundary, StageSpec
+from ffclip.export.stages import Boundary, StageSpec
 
 DEFAULT_OPSET = 18
 # protobuf cannot serialise a message of 2 GiB or more; larger models keep their weights in one side file

@@ -12,7 +12,7 @@ from typing import Any
 
 from ffclip.engines.openvino import INFERENCE_PRECISIONS, bf16_reason, openvino_reason
 
-from .stages import compute_precision
+from ffclip.export.stages import compute_precision
 
 
 def openvino_skip_reason(precision: str) -> str | None:

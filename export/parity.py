@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .stages import StageSpec, Tolerance
+from ffclip.export.stages import StageSpec, Tolerance
 
 Outputs = dict[str, torch.Tensor]
 

@@ -19,9 +19,9 @@ from torch import nn
 
 from ffclip.engines.tensorrt import gpu_facts, import_tensorrt, make_logger
 
-from . import tensorrt_operators
-from .onnx_export import export_onnx
-from .stages import PRECISIONS, StageSpec, compute_precision
+from ffclip.export import tensorrt_operators
+from ffclip.export.onnx_export import export_onnx
+from ffclip.export.stages import PRECISIONS, StageSpec, compute_precision
 
 TIMING_CACHE = "tensorrt/timing.cache"
 _WORKSPACE_BYTES = 8 << 30

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .stages import Boundary, StageSpec
+from ffclip.export.stages import Boundary, StageSpec
 
 
 def export_torchscript(spec: StageSpec, module: nn.Module, path: Path, device: torch.device, dtype: torch.dtype) -> None:

@@ -4,14 +4,14 @@ On a machine without CUDA the kernels run in Triton's interpreter: set `TRITON_I
 package (or triton). `ffclip.models` imports this package only when a model is switched to its "triton" form.
 """
 
-from .mapper_attention import (
+from ffclip.kernels.mapper_attention import (
     channel_attention,
     channel_attention_reference,
     layer_selection,
     layer_selection_reference,
     mapper_block,
 )
-from .modulated_conv import modulated_conv2d, modulated_conv2d_reference
+from ffclip.kernels.modulated_conv import modulated_conv2d, modulated_conv2d_reference
 
 __all__ = [
     "channel_attention",

@@ -87,7 +87,7 @@ def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _conv3x3(dtype: torch.dtype) -> None:
-    from . import modulated_conv2d
+    from ffclip.kernels import modulated_conv2d
 
     c, res = 512, 64
     modulated_conv2d(_meta(1, c, res, res, dtype=dtype), _meta(c, c, 3, 3, dtype=dtype), _meta(1, c, dtype=dtype),
@@ -96,7 +96,7 @@ def _conv3x3(dtype: torch.dtype) -> None:
 
 
 def _torgb(dtype: torch.dtype) -> None:
-    from . import modulated_conv2d
+    from ffclip.kernels import modulated_conv2d
 
     c, res = 32, 1024
     modulated_conv2d(_meta(1, c, res, res, dtype=dtype), _meta(3, c, 1, 1, dtype=dtype), _meta(1, c, dtype=dtype),
@@ -104,7 +104,7 @@ def _torgb(dtype: torch.dtype) -> None:
 
 
 def _up_epilogue(dtype: torch.dtype) -> None:
-    from . import modulated_conv2d
+    from ffclip.kernels import modulated_conv2d
 
     c_in, c_out, res = 512, 256, 64
     modulated_conv2d(_meta(1, c_in, res, res, dtype=dtype), _meta(c_out, c_in, 3, 3, dtype=dtype),
@@ -113,7 +113,7 @@ def _up_epilogue(dtype: torch.dtype) -> None:
 
 
 def _channel_attention(dtype: torch.dtype) -> None:
-    from . import channel_attention
+    from ffclip.kernels import channel_attention
 
     d, n = MAPPER_DIM, MAPPER_LAYERS
     channel_attention(_meta(1, n, d, dtype=dtype), _meta(n, 1, dtype=dtype), _meta(1, d, dtype=dtype),
@@ -121,7 +121,7 @@ def _channel_attention(dtype: torch.dtype) -> None:
 
 
 def _layer_selection(dtype: torch.dtype) -> None:
-    from . import layer_selection
+    from ffclip.kernels import layer_selection
 
     d, n = MAPPER_DIM, MAPPER_LAYERS
     layer_selection(_meta(1, n, d, dtype=dtype), _meta(1, d, dtype=dtype), _meta(1, n, d, dtype=dtype))
@@ -130,7 +130,7 @@ def _layer_selection(dtype: torch.dtype) -> None:
 def _mapper_block(dtype: torch.dtype) -> None:
     from ffclip.models.mapper import MapperBlock
 
-    from . import mapper_block
+    from ffclip.kernels import mapper_block
 
     d, n = MAPPER_DIM, MAPPER_LAYERS
     with torch.device("meta"):

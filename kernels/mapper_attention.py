@@ -21,9 +21,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..models import mapper
-from ..models.mapper import INJECTION_SLOPE, MapperBlock, normalise_layers
-from . import _config
+from ffclip.models import mapper
+from ffclip.models.mapper import INJECTION_SLOPE, MapperBlock, normalise_layers
+from ffclip.kernels import _config
 
 @triton.jit
 def _expm1(x):

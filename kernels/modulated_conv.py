@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..models import ops
-from . import _config
+from ffclip.models import ops
+from ffclip.kernels import _config
 
 Activation = Literal["lrelu"] | None
 
