@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -128,14 +129,12 @@ def _layer_selection(dtype: torch.dtype) -> None:
 
 
 def _mapper_block(dtype: torch.dtype) -> None:
-    from ffclip.models.mapper import MapperBlock
-
     from ffclip.kernels import mapper_block
 
     d, n = MAPPER_DIM, MAPPER_LAYERS
-    with torch.device("meta"):
-        block = MapperBlock(n, d).to(dtype)
-    mapper_block(block, _meta(1, n, d, dtype=dtype), _meta(1, 1, d, dtype=dtype))
+    layers = functools.partial(_meta, 1, n, d, dtype=dtype)  # K, V, Q2
+    row = functools.partial(_meta, 1, 1, d, dtype=dtype)  # q, mean_L(V2), gamma, beta, e
+    mapper_block(layers(), row(), layers(), layers(), _meta(n, 1, dtype=dtype), row(), row(), row(), e=row())
 
 
 # Each case calls a public function the way a model does; its launches are what gets compiled.

@@ -8,8 +8,9 @@ which keeps the result deterministic without atomics. `K2` may be given whole (`
 mapper, as its `Linear(1 -> L)` weight and the text embedding: `K2[b,i,l] = e[b,i] * w[l]` is then formed on load.
 
 Layer selection (step 2), the sum of partials, both LayerNorms (steps 3-4) and the text-conditioned injection with its
-leaky ReLU (step 5) run in one more kernel, one program per `(sample, layer)`. The projections of `x` and of `e` (the
-`Linear` layers and the injection MLPs) stay with cuBLAS through the block's own modules.
+leaky ReLU (step 5) run in one more kernel, one program per `(sample, layer)`. The kernels take the block's
+projections (the `Linear` layers and the injection MLPs, which stay with cuBLAS) as tensors; each public function
+computes what its `*_reference` twin in `ffclip.kernels.reference` computes.
 """
 
 from __future__ import annotations
@@ -17,17 +18,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ffclip.models import mapper
-from ffclip.models.mapper import INJECTION_SLOPE, MapperBlock, normalise_layers
 from ffclip.kernels import _config
+from ffclip.kernels.reference import EXP_SAFE, INJECTION_SLOPE
 
 @triton.jit
 def _expm1(x):
-    """`exp(x) - 1` as `ffclip.models.ops.expm1` computes it (Kahan's form from exp and log)."""
+    """`exp(x) - 1` as `ffclip.kernels.reference.expm1` computes it (Kahan's form from exp and log)."""
     x = tl.maximum(x, -80.0)
     u = tl.exp(x)
     one = u == 1.0
@@ -36,7 +35,7 @@ def _expm1(x):
 
 @triton.jit
 def _log1p(x):
-    """`log(1 + x)` as `ffclip.models.ops.log1p` computes it."""
+    """`log(1 + x)` as `ffclip.kernels.reference.log1p` computes it."""
     u = 1.0 + x
     one = u == 1.0
     return tl.where(one, x, tl.log(u) * x / tl.where(one, 1.0, u - 1.0))
@@ -230,7 +229,7 @@ def _attention_partials(q2: torch.Tensor, k2: torch.Tensor, v2_mean: torch.Tenso
         se_b=e.stride(0) if factored else 0, se_i=e.stride(1) if factored else 0,
         sq_b=q2.stride(0), sq_r=q2.stride(1), sq_j=q2.stride(2), sqb_b=qbar.stride(0), sqb_r=qbar.stride(1),
         sm_b=m.stride(0), sm_d=m.stride(1), sp_b=partials.stride(0), sp_n=partials.stride(1), sp_d=partials.stride(2),
-        scale=1.0 / math.sqrt(d), exp_safe=mapper.EXP_SAFE, FACTORED=factored,
+        scale=1.0 / math.sqrt(d), exp_safe=EXP_SAFE, FACTORED=factored,
         LOW_PRECISION_DOT=low_precision, BLOCK_R=max(16, triton.next_power_of_2(r)),
     )
     return partials
@@ -246,13 +245,8 @@ def channel_attention(
     out: torch.Tensor | None = None,
     config: _config.Config | None = None,
 ) -> torch.Tensor:
-    """`LayerNorm(mean_L(V2) @ softmax(K2 Q2 / sqrt(D)))` as `[B, 1, D]`, without forming the attention matrix, in
-    the centred form of `ffclip.models.mapper.channel_attention`.
-
-    `q2 [B, L, D]`, `v2_mean [B, D]` or `[B, 1, D]`; `k2` is `K2 [B, D, L]`, or with `e [B, D]` (or `[B, 1, D]`) the
-    `Linear(1 -> L)` weight `[L, 1]` that makes `K2 = e^T w^T`. `layer_norm=False` returns the centred product
-    `mean_L(V2) (A - 1/D)`.
-    """
+    """`channel_attention_reference` without forming the attention matrix; `out` receives the result when given,
+    `config` fixes the tile sizes instead of autotuning."""
     _config.check_device(q2, k2, v2_mean)
     batch, _, d = q2.shape
     partials = _attention_partials(q2, k2, v2_mean, e, config)
@@ -282,18 +276,27 @@ def layer_selection(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, *, out: t
     return out
 
 
-def mapper_block(block: MapperBlock, x: torch.Tensor, e: torch.Tensor, *, out: torch.Tensor | None = None,
-                 config: _config.Config | None = None) -> torch.Tensor:
-    """`block(x, e)` with steps 2-5 in two kernels; the block's `Linear` layers and MLPs run in PyTorch."""
-    _config.check_device(x, e)
-    batch, length, d = x.shape
-    x = normalise_layers(x)
-    attn = block.attention_layer
-    k, v, q = block.k_matrix(x), block.v_matrix(x), _rows(block.q_matrix(e))
-    partials = _attention_partials(attn.q_matrix(x), attn.k_matrix.weight, attn.v_matrix(x).mean(dim=1), e, config)
-    gamma, beta = _rows(block.gamma_(e)), _rows(block.beta_(e))
+def mapper_block(
+    k: torch.Tensor,
+    q: torch.Tensor,
+    v: torch.Tensor,
+    q2: torch.Tensor,
+    k2: torch.Tensor,
+    v2_mean: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    e: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: _config.Config | None = None,
+) -> torch.Tensor:
+    """Steps 2-5 of a mapper block in two kernels, with the arguments of `mapper_block_reference`."""
+    _config.check_device(k, q, v, q2)
+    batch, length, d = k.shape
+    q, gamma, beta = _rows(q), _rows(gamma), _rows(beta)
+    partials = _attention_partials(q2, k2, v2_mean, e, config)
     if out is None:
-        out = torch.empty_like(x)
+        out = torch.empty_like(v)
     block_d = triton.next_power_of_2(d)
     _block_output_kernel[(batch, length)](
         k, q, v, partials, gamma, beta, out, length, d, partials.shape[1],
@@ -301,17 +304,3 @@ def mapper_block(block: MapperBlock, x: torch.Tensor, e: torch.Tensor, *, out: t
         INJECTION_SLOPE, BLOCK_L=triton.next_power_of_2(length), BLOCK_D=block_d, num_warps=_row_warps(block_d * 4),
     )
     return out
-
-
-def channel_attention_reference(q2: torch.Tensor, k2: torch.Tensor, v2_mean: torch.Tensor, *,
-                                e: torch.Tensor | None = None, layer_norm: bool = True) -> torch.Tensor:
-    """`channel_attention` with the attention matrix formed, as `ffclip.models.mapper.ChannelAttention` computes it."""
-    if e is not None:
-        k2 = F.linear(_rows(e)[:, :, None], k2)
-    t = mapper.channel_attention(q2, k2, _rows(v2_mean)[:, None, :])
-    return F.layer_norm(t, (q2.shape[-1],)) if layer_norm else t
-
-
-def layer_selection_reference(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """`layer_selection` as `ffclip.models.mapper.MapperBlock` computes it."""
-    return mapper.layer_selection(k, _rows(q)[:, None, :], v)

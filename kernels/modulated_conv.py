@@ -23,16 +23,18 @@ spill on sm_80, so the kernel multiplies 16-bit operands only.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import triton
 import triton.language as tl
 
-from ffclip.models import ops
 from ffclip.kernels import _config
-
-Activation = Literal["lrelu"] | None
+from ffclip.kernels.reference import (
+    LRELU_GAIN,
+    Activation,
+    blur_after_transpose,
+    fir_kernel,
+    modulated_conv2d_scaled,
+)
 
 
 @triton.jit
@@ -142,7 +144,7 @@ def modulated_conv2d(
     noise_strength: torch.Tensor | float | None = None,
     bias: torch.Tensor | None = None,
     activation: Activation = None,
-    gain: float = ops.LRELU_GAIN,
+    gain: float = LRELU_GAIN,
     residual: torch.Tensor | None = None,
     tf32: bool = False,
     out: torch.Tensor | None = None,
@@ -169,10 +171,9 @@ def modulated_conv2d(
         src = x
     else:
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
-            src = ops.modulated_conv2d(x, weight, styles, demodulate=False, up=up)
+            src = modulated_conv2d_scaled(x, weight, styles, demodulate=False, up=up)
         if up:
-            kernel = ops.fir_kernel() if fir is None else fir
-            src = ops.blur_after_transpose(src, kernel.to(src.device), ksize)
+            src = blur_after_transpose(src, fir_kernel() if fir is None else fir, ksize)
     h_out, w_out = src.shape[-2:]
     if out is None:
         out = _empty_like_layout(x, (batch, c_out, h_out, w_out))
@@ -209,31 +210,3 @@ def modulated_conv2d(
     )
     return out
 
-
-def modulated_conv2d_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    styles: torch.Tensor,
-    *,
-    demodulate: bool = True,
-    up: bool = False,
-    fir: torch.Tensor | None = None,
-    noise: torch.Tensor | None = None,
-    noise_strength: torch.Tensor | float | None = None,
-    bias: torch.Tensor | None = None,
-    activation: Activation = None,
-    gain: float = ops.LRELU_GAIN,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`modulated_conv2d` composed from `ffclip.models.ops`, in the input's dtype."""
-    y = ops.modulated_conv2d(x, weight, styles, demodulate=demodulate, up=up)
-    if up:
-        kernel = ops.fir_kernel() if fir is None else fir
-        y = ops.blur_after_transpose(y, kernel.to(y.device), weight.shape[-1])
-    if noise is not None:
-        y = y + (noise * (1.0 if noise_strength is None else noise_strength)).to(y.dtype)
-    if activation == "lrelu":
-        y = ops.bias_leaky_relu(y, torch.zeros_like(y[0, :, 0, 0]) if bias is None else bias) * (gain / ops.LRELU_GAIN)
-    elif bias is not None:
-        y = y + bias.to(y.dtype)[None, :, None, None]
-    return y if residual is None else y + residual

@@ -274,6 +274,11 @@ def ref_mapper(blocks: list[dict[str, torch.Tensor]], w: torch.Tensor, text: tor
     return w + x
 
 
+def mapper_blocks(mapper: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Each block's weights of an `ffclip` mapper, keyed as `ref_mapper` reads them."""
+    return [dict(block.state_dict()) for block in mapper.blocks]
+
+
 def release_mapper_weights(num_ws: int, dim: int, num_blocks: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Random weights for each block in the released layout, the unused `fc` layer included."""
     g = torch.Generator().manual_seed(seed)

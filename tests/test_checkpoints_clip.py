@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import open_clip
@@ -88,6 +87,11 @@ def test_text_encoder_bundle_and_preset_default(tmp_path, torchscript_archive):
     with torch.no_grad():
         assert (encoder(TOKENS) - model.encode_text(TOKENS)).abs().max() <= 1e-5
 
+    # the seeded default: text only, the preset's embedding width, distinct prompts apart, the same on every load
     default = load_text_encoder(preset="random")
-    assert dataclasses.asdict(default.config) == dataclasses.asdict(get_preset("random").text)
     assert not default.has_vision
+    with torch.no_grad():
+        embeddings = default.encode(["a smiling face", "blond hair"])
+        assert embeddings.shape == (2, get_preset("random").text.embed_dim)
+        assert not torch.allclose(embeddings[0], embeddings[1])
+        assert torch.equal(embeddings, load_text_encoder(preset="random").encode(["a smiling face", "blond hair"]))

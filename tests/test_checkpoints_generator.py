@@ -31,7 +31,6 @@ def _assert_matches_reference(generator, ref, latent_avg) -> None:
     z = torch.randn(3, 32)
     ws = torch.randn(3, ref.num_ws, 32)
     assert (generator.synthesis(ws) - ref.synthesis(ws)).abs().max() <= 1e-5
-    assert (generator.synthesis_network(ws, "grouped") - ref.synthesis(ws)).abs().max() <= 1e-5
     for truncation in (1.0, 0.7):
         ours = generator.mapping(z, truncation)
         theirs = ref.mapping(z, truncation, latent_avg)

@@ -9,9 +9,7 @@ import pytest
 import torch
 
 from ffclip.checkpoints import extract_generator, load_generator, load_mapper, save_module
-from ffclip.config import get_preset
-from ffclip.factory import build_mapper
-from reference_models import make_reference_generator, ref_mapper, release_mapper_weights
+from reference_models import make_reference_generator, mapper_blocks, ref_mapper, release_mapper_weights
 
 NUM_WS, DIM = 8, 32  # the reference generator: 32 px, style size 32
 
@@ -32,8 +30,8 @@ def _assert_matches_reference(mapper, blocks) -> None:
     nearly constant channel-attention output amplifies rounding about a hundredfold, so even the reference's own
     float32 and float64 results differ by ~1e-4), which would hide nothing but make a float32 bound meaningless."""
     torch.manual_seed(0)
-    w = torch.randn(3, NUM_WS, DIM, dtype=torch.float64)
-    e = torch.randn(3, DIM, dtype=torch.float64)
+    w = torch.randn(3, mapper.config.num_ws, mapper.config.dim, dtype=torch.float64)
+    e = torch.randn(3, mapper.config.dim, dtype=torch.float64)
     blocks64 = [{k: v.double() for k, v in p.items()} for p in blocks]
     assert (copy.deepcopy(mapper).double()(w, e) - ref_mapper(blocks64, w, e)).abs().max() <= 1e-9
 
@@ -66,7 +64,8 @@ def test_mapper_bundle_round_trip_and_preset_default(tmp_path, release_file):
     save_module(bundle, load_mapper(path))
     _assert_matches_reference(load_mapper(bundle), blocks)
 
-    p = get_preset("random")
-    expected = build_mapper(p.mapper, p.seed + 1).state_dict()
-    for key, value in load_mapper(preset="random").state_dict().items():
-        assert torch.equal(value, expected[key]), key
+    # the seeded default: the released maths, fitting the preset's generator, the same weights on every load
+    default = load_mapper(preset="random")
+    _assert_matches_reference(default, mapper_blocks(default))
+    assert default.num_ws == load_generator(preset="random").num_ws
+    assert all(torch.equal(a, b) for a, b in zip(default.parameters(), load_mapper(preset="random").parameters()))

@@ -1,5 +1,5 @@
 """The fused mapper kernels (channel attention, layer selection, whole block) against float64 references, and the
-mapper's "triton" form against its default form. Without CUDA the kernels run in Triton's interpreter."""
+mapper's "triton" implementation against its reference. Without CUDA the kernels run in Triton's interpreter."""
 
 import os
 
@@ -18,8 +18,8 @@ from ffclip.kernels import (
     layer_selection,
     layer_selection_reference,
     mapper_block,
+    mapper_block_reference,
 )
-from ffclip.models.mapper import MapperBlock
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2}
@@ -68,14 +68,14 @@ def test_layer_selection_matches_float64(dtype, batch, length, dim):
 
 @pytest.mark.parametrize("batch,length,dim", [(2, 5, 40), (1, 7, 24)])
 def test_mapper_block_matches_float64(batch, length, dim):
-    torch.manual_seed(0)
-    block = MapperBlock(length, dim).double()
-    x, e = randn(batch, length, dim, seed=8).double(), randn(batch, 1, dim, seed=9).double()
-    with torch.no_grad():
-        ref = block(x, e)
-        block = block.float().to(DEVICE)
-        out = nan_like((batch, length, dim), torch.float32)
-        y = mapper_block(block, x.float().to(DEVICE), e.float().to(DEVICE), out=out, config=SMALL_TILES)
+    shapes = {"k": (batch, length, dim), "q": (batch, 1, dim), "v": (batch, length, dim), "q2": (batch, length, dim),
+              "k2": (length, 1), "v2_mean": (batch, 1, dim), "gamma": (batch, 1, dim), "beta": (batch, 1, dim),
+              "e": (batch, 1, dim)}
+    args = {name: randn(*shape, seed=8 + i) * (0.3 if name in ("gamma", "beta") else 1.0)
+            for i, (name, shape) in enumerate(shapes.items())}
+    ref = mapper_block_reference(**{name: t.double() for name, t in args.items()})
+    out = nan_like((batch, length, dim), torch.float32)
+    y = mapper_block(**{name: t.to(DEVICE) for name, t in args.items()}, out=out, config=SMALL_TILES)
     assert y is out and torch.isfinite(y).all()
     assert relative_error(y, ref) <= 1e-4
 
@@ -84,8 +84,7 @@ def test_tiny_mapper_triton_form_matches_default():
     mapper = build_mapper(MapperConfig(num_ws=6, dim=48, num_blocks=2), seed=4).to(DEVICE)
     w, text = randn(2, 6, 48, seed=10).to(DEVICE), randn(2, 48, seed=11).to(DEVICE)
     with torch.no_grad():
-        mapper.form = "eager"
         a = mapper(w, text)
-        mapper.form = "triton"
+        mapper.impl = "triton"
         b = mapper(w, text)
     assert relative_error(b, a.double().cpu()) <= 1e-4

@@ -1,5 +1,5 @@
-"""The fused modulated-convolution kernel against a float64 reference, and the generator's "triton" form against its
-default form. Without CUDA the kernels run in Triton's interpreter at small sizes."""
+"""The fused modulated-convolution kernel against a float64 reference, and the generator's "triton" implementation
+against its reference. Without CUDA the kernels run in Triton's interpreter at small sizes."""
 
 import os
 
@@ -116,9 +116,8 @@ def test_tiny_generator_triton_form_matches_default():
             module.noise_strength.data.fill_(0.3)
     w = g.mapping(torch.randn(2, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE), truncation=0.8)
     with torch.no_grad():
-        g.conv_form = "scaled"
         a = g.synthesis(w)
-        g.conv_form = "triton"
+        g.impl = "triton"
         b = g.synthesis(w)
     assert b.shape == (2, 3, 16, 16)
     assert relative_error(b, a.double()) <= 1e-4

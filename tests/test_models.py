@@ -1,5 +1,6 @@
-"""The three stage modules: the export-friendly generator form against the grouped form, the mapper's shapes,
-the text encoder's prompt checks, and exact bundle round trips."""
+"""The three stage modules: the export-friendly modulated convolution against the grouped form, the `impl` switch,
+the mapper against the released maths at any layer count, the text encoder's prompt checks, and exact bundle round
+trips."""
 
 import warnings
 
@@ -12,7 +13,9 @@ from ffclip.checkpoints.bundle import load_module, save_module
 from ffclip.config import GeneratorConfig, MapperConfig, get_preset
 from ffclip.errors import CheckpointError, InputError
 from ffclip.factory import build_generator, build_mapper, build_text_encoder
+from ffclip.kernels import reference
 from ffclip.models import ops
+from reference_models import mapper_blocks, ref_mapper
 
 TINY_TEXT = TINY.text
 
@@ -30,28 +33,17 @@ def test_modulated_conv_forms_agree(up, demodulate):
     x = torch.randn(3, 7, 9, 9)
     weight = torch.randn(5, 7, 3, 3)
     styles = torch.randn(3, 7)
-    a = ops.modulated_conv2d(x, weight, styles, demodulate=demodulate, up=up, form="scaled")
-    b = ops.modulated_conv2d(x, weight, styles, demodulate=demodulate, up=up, form="grouped")
+    a = reference.modulated_conv2d_scaled(x, weight, styles, demodulate=demodulate, up=up)
+    b = reference.modulated_conv2d_grouped(x, weight, styles, demodulate=demodulate, up=up)
     assert a.shape == b.shape == (3, 5, 19 if up else 9, 19 if up else 9)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("resolution", [32, 64])
-def test_generator_scaled_form_matches_grouped_form(resolution):
-    g = odd_generator(resolution)
-    # make the constant noise matter, as trained weights do
-    for module in g.modules():
-        if hasattr(module, "noise_strength"):
-            module.noise_strength.fill_(0.3)
-    w = g.mapping(torch.randn(2, 32, generator=torch.Generator().manual_seed(1)), truncation=0.8)
-    assert w.shape == (2, g.num_ws, 32) and g.num_ws == 2 * (resolution.bit_length() - 1) - 2
-    with torch.no_grad():
-        g.conv_form = "scaled"
-        a = g.synthesis(w)
-        g.conv_form = "grouped"
-        b = g.synthesis(w)
-    assert a.shape == (2, 3, resolution, resolution)
-    assert (a - b).abs().max().item() <= 1e-5
+def test_unknown_implementation_is_refused():
+    g = odd_generator()
+    g.impl = "cuda"
+    with pytest.raises(ValueError, match="unknown implementation 'cuda'; use one of reference, triton"):
+        g.synthesis(g.mapping(torch.randn(1, 32)))
 
 
 def test_truncation_pulls_towards_w_avg():
@@ -64,13 +56,15 @@ def test_truncation_pulls_towards_w_avg():
     torch.testing.assert_close(half, (w0 + w1) / 2, rtol=1e-5, atol=1e-6)
 
 
-def test_mapper_takes_layer_count_from_config():
-    for num_ws in (6, 18):
-        m = build_mapper(MapperConfig(num_ws=num_ws), seed=0)
-        w, e = torch.randn(3, num_ws, 512), torch.randn(3, 512)
-        out = m(w, e)
-        assert out.shape == (3, num_ws, 512)
-        torch.testing.assert_close(out - w, m.delta(w, e))
+@pytest.mark.parametrize("num_ws", [6, 18])
+def test_mapper_takes_layer_count_from_config(num_ws):
+    m = build_mapper(MapperConfig(num_ws=num_ws), seed=0).double()
+    g = torch.Generator().manual_seed(num_ws)
+    w = torch.randn(3, num_ws, 512, generator=g, dtype=torch.float64)
+    e = torch.randn(3, 512, generator=g, dtype=torch.float64)
+    out = m(w, e)
+    assert out.shape == (3, num_ws, 512)
+    assert (out - ref_mapper(mapper_blocks(m), w, e)).abs().max() <= 1e-9
 
 
 def test_text_encoder_prompt_checks():

@@ -14,7 +14,7 @@ from ffclip.export.parity import errors
 from ffclip.export.stages import MAPPER_TOLERANCE
 from ffclip.imaging import to_uint8
 from ffclip.export.exporter import ExportOptions, export_artifacts
-from ffclip.export.manifest import ArtifactError
+from ffclip.artifacts import ArtifactError
 from ffclip.factory import build_preset
 from ffclip.runtime import Runtime
 
@@ -126,8 +126,8 @@ def test_triton_backend_serves_the_kernel_forms(folder, runtimes):
     # checked and the stage without kernels is run.
     with Runtime.load(folder, "triton", "cpu") as rt:
         assert rt.backend == "triton"
-        assert rt._engines["mapper"]._module.form == "triton"
-        assert rt._engines["generator"]._module.conv_form == "triton"
+        assert rt._engines["mapper"]._module.impl == "triton"
+        assert rt._engines["generator"]._module.impl == "triton"
         prompts = ["freckles", "a hat"]
         torch.testing.assert_close(rt.encode_text(prompts), runtimes["eager"].encode_text(prompts), rtol=0, atol=0)
 

@@ -14,10 +14,11 @@ from collections.abc import Mapping
 
 import torch
 
+from ffclip.kernels.reference import fir_kernel
+
 from ..config import GeneratorConfig
 from ..errors import summarize
 from ..models import Generator
-from ..models import ops
 from .detect import build_checked, checkpoint_error
 
 
@@ -28,7 +29,7 @@ def is_rosinality(obj: object) -> bool:
 
 def check_filter(value: torch.Tensor, gain: float, path: str | os.PathLike, name: str, accepted: str) -> None:
     """Refuse a resampling filter buffer that is not the [1,3,3,1] FIR filter times `gain` (the model hard-codes it)."""
-    expected = ops.fir_kernel() * gain
+    expected = fir_kernel() * gain
     if value.shape != expected.shape or not torch.allclose(value.float().cpu(), expected, atol=1e-6):
         raise checkpoint_error(
             path, f"a generator whose {name} is not the [1,3,3,1] filter this project implements", accepted

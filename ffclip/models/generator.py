@@ -1,7 +1,9 @@
 """StyleGAN2 (config-f family) generator: the mapping network `z -> w` and the synthesis network `w+ -> image`.
 
-Parameters are stored as the reference implementations store them (raw weights, gains applied at run time), so
-checkpoints convert by renaming and reshaping only. Noise is the stored constant noise.
+Parameters are stored as the published implementations store them (raw weights, gains applied at run time), so
+checkpoints convert by renaming and reshaping only. Noise is the stored constant noise. `Generator.impl` selects the
+synthesis layers' implementation (DESIGN §6): the plain-PyTorch "reference" (the export-friendly scaled form of
+DESIGN §5) or the fused "triton" kernels.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import torch
 from torch import nn
 
 from ..config import GeneratorConfig
+from ffclip.kernels import reference
+
 from . import ops
 
 
@@ -28,7 +32,7 @@ class EqualLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activate:
             x = ops.equal_linear(x, self.weight, None, self.lr_mul)
-            return torch.nn.functional.leaky_relu(x + self.bias * self.lr_mul, ops.LRELU_SLOPE) * ops.LRELU_GAIN
+            return torch.nn.functional.leaky_relu(x + self.bias * self.lr_mul, reference.LRELU_SLOPE) * reference.LRELU_GAIN
         return ops.equal_linear(x, self.weight, self.bias, self.lr_mul)
 
 
@@ -58,22 +62,14 @@ class StyledConv(nn.Module):
         self.noise_strength = nn.Parameter(torch.zeros([]))
         self.bias = nn.Parameter(torch.zeros(out_ch))
         self.register_buffer("noise", torch.randn(1, 1, resolution, resolution))
-        self.register_buffer("fir", ops.fir_kernel(), persistent=False)
+        self.register_buffer("fir", reference.fir_kernel(), persistent=False)
         self.up = up
         self.style_gain = 1.0 / math.sqrt(in_ch * kernel_size * kernel_size)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, form: ops.ConvForm = "scaled") -> torch.Tensor:
-        styles = self.affine(w) * self.style_gain
-        if form == "triton":
-            from ffclip.kernels import modulated_conv2d as fused
-
-            return fused(x, self.weight, styles, up=self.up, fir=self.fir, noise=self.noise,
-                         noise_strength=self.noise_strength, bias=self.bias, activation="lrelu")
-        x = ops.modulated_conv2d(x, self.weight, styles, demodulate=True, up=self.up, form=form)
-        if self.up:
-            x = ops.blur_after_transpose(x, self.fir, self.weight.shape[-1])
-        x = x + (self.noise_strength * self.noise).to(x.dtype)
-        return ops.bias_leaky_relu(x, self.bias)
+    def forward(self, x: torch.Tensor, w: torch.Tensor, impl: ops.Impl = "reference") -> torch.Tensor:
+        layer = ops.implementation(impl, "modulated_conv2d")
+        return layer(x, self.weight, self.affine(w) * self.style_gain, up=self.up, fir=self.fir, noise=self.noise,
+                     noise_strength=self.noise_strength, bias=self.bias, activation="lrelu")
 
 
 class ToRGB(nn.Module):
@@ -84,21 +80,14 @@ class ToRGB(nn.Module):
         self.affine = EqualLinear(style_dim, in_ch, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(3, in_ch, 1, 1))
         self.bias = nn.Parameter(torch.zeros(3))
-        self.register_buffer("fir", ops.fir_kernel(), persistent=False)
+        self.register_buffer("fir", reference.fir_kernel(), persistent=False)
         self.style_gain = 1.0 / math.sqrt(in_ch)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, skip: torch.Tensor | None, form: ops.ConvForm = "scaled") -> torch.Tensor:
-        styles = self.affine(w) * self.style_gain
-        if form == "triton":
-            from ffclip.kernels import modulated_conv2d as fused
-
-            residual = None if skip is None else ops.upsample2d(skip, self.fir)
-            return fused(x, self.weight, styles, demodulate=False, bias=self.bias, residual=residual)
-        out = ops.modulated_conv2d(x, self.weight, styles, demodulate=False, form=form)
-        out = out + self.bias.to(out.dtype)[None, :, None, None]
-        if skip is not None:
-            out = out + ops.upsample2d(skip, self.fir)
-        return out
+    def forward(self, x: torch.Tensor, w: torch.Tensor, skip: torch.Tensor | None, impl: ops.Impl = "reference") -> torch.Tensor:
+        layer = ops.implementation(impl, "modulated_conv2d")
+        residual = None if skip is None else reference.upsample2d(skip, self.fir)
+        return layer(x, self.weight, self.affine(w) * self.style_gain, demodulate=False, bias=self.bias,
+                     residual=residual)
 
 
 class SynthesisBlock(nn.Module):
@@ -109,10 +98,6 @@ class SynthesisBlock(nn.Module):
         self.conv0 = StyledConv(in_ch, out_ch, style_dim, resolution, up=True) if resolution > 4 else None
         self.conv1 = StyledConv(out_ch if resolution > 4 else in_ch, out_ch, style_dim, resolution)
         self.torgb = ToRGB(out_ch, style_dim)
-
-    @property
-    def num_conv(self) -> int:
-        return 1 if self.conv0 is None else 2
 
 
 class SynthesisNetwork(nn.Module):
@@ -128,18 +113,18 @@ class SynthesisNetwork(nn.Module):
             in_ch = config.width(res)
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, ws: torch.Tensor, form: ops.ConvForm = "scaled") -> torch.Tensor:
+    def forward(self, ws: torch.Tensor, impl: ops.Impl = "reference") -> torch.Tensor:
         x = self.const.expand(ws.shape[0], -1, -1, -1).to(ws.dtype)
         img = None
         i = 0
         for block in self.blocks:
             if block.conv0 is not None:
-                x = block.conv0(x, ws[:, i], form)
+                x = block.conv0(x, ws[:, i], impl)
                 i += 1
-            x = block.conv1(x, ws[:, i], form)
+            x = block.conv1(x, ws[:, i], impl)
             i += 1
             # toRGB shares its style with the next block's first conv
-            img = block.torgb(x, ws[:, i], img, form)
+            img = block.torgb(x, ws[:, i], img, impl)
         return img
 
 
@@ -152,7 +137,7 @@ class Generator(nn.Module):
         self.mapping_network = MappingNetwork(config.style_dim, config.n_mlp, config.lr_mlp)
         self.synthesis_network = SynthesisNetwork(config)
         self.register_buffer("w_avg", torch.zeros(config.style_dim))
-        self.conv_form: ops.ConvForm = "scaled"
+        self.impl: ops.Impl = "reference"
 
     @property
     def num_ws(self) -> int:
@@ -171,7 +156,7 @@ class Generator(nn.Module):
 
     def synthesis(self, w_plus: torch.Tensor) -> torch.Tensor:
         """Render `w+ [B, num_ws, D]` to images `[B, 3, R, R]`, roughly in [-1, 1]."""
-        return self.synthesis_network(w_plus, self.conv_form)
+        return self.synthesis_network(w_plus, self.impl)
 
     def forward(self, w_plus: torch.Tensor) -> torch.Tensor:
         return self.synthesis(w_plus)
