@@ -145,7 +145,7 @@ def kernel_checks(plan: Plan) -> list[Check]:
             ref = module(x, e)
             module = module.float().to(plan.device)
             x, e = x.float().to(plan.device), e.float().to(plan.device)
-            fused = lambda: kernels.mapper_block(module, x, e)  # noqa: E731
+            fused = lambda: module(x, e, "triton")  # noqa: E731
             err = rel_error(fused(), ref)
             return {"rel_err": err, "tolerance": TOLERANCE["fp32"], "ok": err <= TOLERANCE["fp32"],
                     "ms": _median_ms(fused, plan), "eager_ms": _median_ms(lambda: module(x, e), plan)}
@@ -223,15 +223,15 @@ def model_checks(plan: Plan) -> list[Check]:
                         call = lambda: module.synthesis(w)  # noqa: E731
                         precision = plan.generator_dtype
                     with torch.no_grad():
-                        _set_form(module, stage, "eager")
+                        _set_form(module, "eager")
                         expected = call().float()
-                        _set_form(module, stage, "triton" if form == "triton" else "eager")
+                        _set_form(module, "triton" if form == "triton" else "eager")
                         try:
                             fn = _runner(form, call, plan)
                             err = rel_error(fn(), expected)
                             ms = _median_ms(fn, plan)
                         finally:
-                            _set_form(module, stage, "eager")
+                            _set_form(module, "eager")
                     tol = MODEL_TOLERANCE[precision] if form != "eager" else 0.0
                     return {"rel_err": err, "tolerance": tol, "ok": err <= tol, "ms": ms,
                             "images_per_s" if stage == "generator" else "calls_per_s": batch * 1e3 / ms}
@@ -240,11 +240,8 @@ def model_checks(plan: Plan) -> list[Check]:
     return checks
 
 
-def _set_form(module: Any, stage: str, form: str) -> None:
-    if stage == "mapper":
-        module.form = form
-    else:
-        module.conv_form = "triton" if form == "triton" else "scaled"
+def _set_form(module: Any, form: str) -> None:
+    module.impl = "triton" if form == "triton" else "reference"
 
 
 def edit_check(plan: Plan) -> Check:

@@ -1,7 +1,7 @@
 """The triton backend: the eager stage modules with the fused Triton kernels of `ffclip.kernels` swapped in.
 
 It reads the same bundle as the eager backend. The generator's synthesis layers and the mapper's blocks switch to
-their "triton" form; the text encoder has no kernel and runs as in the eager backend. On the CPU the kernels run in
+their "triton" implementation; the text encoder has no kernel and runs as in the eager backend. On the CPU the kernels run in
 Triton's interpreter, which must be enabled (`TRITON_INTERPRET=1`) before triton is first imported.
 """
 
@@ -17,16 +17,14 @@ from ffclip.engines.eager import EagerEngine
 
 
 class TritonEngine(EagerEngine):
-    """`EagerEngine` with `conv_form = "triton"` (generator) or `form = "triton"` (mapper) set on the loaded module."""
+    """`EagerEngine` with `impl = "triton"` set on the loaded generator or mapper."""
 
     backend = "triton"
 
     def __init__(self, folder: Path, stage: StageInfo, device: torch.device):
         super().__init__(folder, stage, device)
-        if hasattr(self._module, "conv_form"):
-            self._module.conv_form = "triton"
-        if hasattr(self._module, "form"):
-            self._module.form = "triton"
+        if hasattr(self._module, "impl"):
+            self._module.impl = "triton"
 
     @classmethod
     def availability(cls, device: torch.device) -> str | None:
