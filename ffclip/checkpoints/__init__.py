@@ -15,16 +15,19 @@ import torch
 from ..config import DEFAULT_PRESET, Preset, TextConfig, get_preset
 from ..factory import build_generator, build_mapper, build_text_encoder
 from ..errors import CheckpointError, summarize
-from ..models import Generator, Mapper, TextEncoder
-from . import clip, nvidia, release, rosinality
+from ..models import Encoder4Editing, FaceParser, Generator, IdentityNet, Mapper, TextEncoder
+from . import clip, nvidia, photo, release, rosinality
 from .bundle import load_bundle, load_module, module_from_bundle, save_module
 from .detect import FileKind, checkpoint_error, describe, read_torch_file, sniff
 
-__all__ = ["extract_generator", "load_generator", "load_mapper", "load_module", "load_text_encoder", "save_module"]
+__all__ = [
+    "extract_generator", "load_encoder", "load_face_parser", "load_generator", "load_identity_net", "load_mapper",
+    "load_module", "load_text_encoder", "save_module",
+]
 
 GENERATOR_FORMATS = (
     "a generator is read from an ffclip generator bundle (.safetensors), a rosinality .pt ('g_ema' + 'latent_avg'), "
-    "an NVIDIA .pkl ('G_ema') or an FFCLIP release checkpoint"
+    "an NVIDIA .pkl ('G_ema'), an FFCLIP release checkpoint or an e4e checkpoint (its decoder)"
 )
 RELEASE_FORMATS = "the generator is extracted from an FFCLIP release checkpoint ('state_dict' + 'opts')"
 MAPPER_FORMATS = "a mapper is read from an ffclip mapper bundle (.safetensors) or an FFCLIP release checkpoint"
@@ -57,7 +60,7 @@ def _wrong_kind(path: str | os.PathLike, kind: FileKind, obj: object, accepted: 
 def load_generator(
     path: str | os.PathLike | None = None, *, preset: str = DEFAULT_PRESET, device: str = "cpu"
 ) -> Generator:
-    """The generator in `path` (bundle, rosinality, NVIDIA or FFCLIP release file), or the preset's default."""
+    """The generator in `path` (bundle, rosinality, NVIDIA, FFCLIP release or e4e file), or the preset's default."""
     if path is None:
         p = get_preset(preset)
         if p.weights:
@@ -76,6 +79,8 @@ def load_generator(
             return rosinality.generator_from_checkpoint(obj, path, GENERATOR_FORMATS).to(device)
         if release.is_release(obj):
             return release.generator_from_release(obj, path, GENERATOR_FORMATS).to(device)
+        if photo.is_e4e(obj):
+            return photo.generator_from_e4e(obj, path, GENERATOR_FORMATS).to(device)
     else:
         raise checkpoint_error(path, kind.description, GENERATOR_FORMATS)
     raise _wrong_kind(path, kind, obj, GENERATOR_FORMATS)
@@ -149,3 +154,19 @@ def load_text_encoder(
     else:
         raise checkpoint_error(path, kind.description, TEXT_FORMATS)
     return clip.text_encoder_from_state(state, config, vision, path, found, TEXT_FORMATS).to(device)
+
+
+def load_encoder(path: str | os.PathLike, *, device: str = "cpu") -> Encoder4Editing:
+    """The e4e encoder in a pSp/e4e checkpoint (`e4e_ffhq_encode.pt`): photos `[B, 3, 256, 256]` in [-1, 1] to W+
+    `[B, n_styles, 512]`, the average latent added."""
+    return photo.encoder_from_checkpoint(photo.read_state_file(path, photo.ENCODER_FORMATS), path).to(device)
+
+
+def load_identity_net(path: str | os.PathLike, *, device: str = "cpu") -> IdentityNet:
+    """ArcFace IR-SE from `model_ir_se50.pth`: face crops `[B, 3, 112, 112]` in [-1, 1] to unit-norm `[B, 512]`."""
+    return photo.identity_from_state(photo.read_state_file(path, photo.IDENTITY_FORMATS), path).to(device)
+
+
+def load_face_parser(path: str | os.PathLike, *, device: str = "cpu") -> FaceParser:
+    """The face-parsing UNet of FFCLIP's background loss: images `[B, 3, H, W]` in [-1, 1] to logits `[B, 19, H, W]`."""
+    return photo.parser_from_state(photo.read_state_file(path, photo.PARSER_FORMATS), path).to(device)

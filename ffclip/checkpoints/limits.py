@@ -7,11 +7,17 @@ then decide whether the module is built at all.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from ..config import GeneratorConfig, MapperConfig, TextConfig
+from ..models.encoder import EncoderConfig
+from ..models.face_parser import FaceParserConfig
+from ..models.identity import IdentityConfig
+
+PHOTO_CONFIGS = (EncoderConfig, IdentityConfig, FaceParserConfig)  # sizes only, all checked as widths
 
 MAX_WIDTH = 2**14
 MAX_DEPTH = 64
@@ -35,7 +41,7 @@ def _clip_dict(owner: str, cfg: Mapping[str, Any] | None) -> None:
             _size(owner, name, value, limit)
 
 
-def check_config(config: GeneratorConfig | MapperConfig | TextConfig) -> None:
+def check_config(config: GeneratorConfig | MapperConfig | TextConfig | EncoderConfig | IdentityConfig | FaceParserConfig) -> None:
     """Raise `ValueError` naming the first size of `config` that is not an integer within the bounds above."""
     if isinstance(config, GeneratorConfig):
         _size("generator", "resolution", config.resolution, MAX_RESOLUTION)
@@ -49,6 +55,9 @@ def check_config(config: GeneratorConfig | MapperConfig | TextConfig) -> None:
         _size("mapper", "num_ws", config.num_ws, MAX_DEPTH)
         _size("mapper", "dim", config.dim, MAX_WIDTH)
         _size("mapper", "num_blocks", config.num_blocks, MAX_DEPTH)
+    elif isinstance(config, PHOTO_CONFIGS):
+        for field in dataclasses.fields(config):
+            _size(type(config).__name__, field.name, getattr(config, field.name), MAX_WIDTH)
     else:
         _size("text encoder", "embed_dim", config.embed_dim, MAX_WIDTH)
         _clip_dict("text_cfg", config.text_cfg)
