@@ -24,6 +24,7 @@ COMMANDS = {
     "train": "ffclip.cli.train:train",
     "serve": "ffclip.serve.cli:serve",
     "eval-world": "ffclip.cli.eval_world:eval_world",
+    "invert": "ffclip.cli.invert:invert",
 }
 
 HELP = {
@@ -33,6 +34,7 @@ HELP = {
     "train": "Train a mapper.",
     "serve": "Serve edits over HTTP on Ray Serve, with a web editor.",
     "eval-world": "Judge the shapes world: valid pictures and edit accuracy, read from pixels.",
+    "invert": "Invert aligned face photos to W+ latents with the e4e encoder.",
 }
 
 

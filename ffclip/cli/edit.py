@@ -25,6 +25,19 @@ def _say(message: str) -> None:
     default=None,
     help="w+ latents to edit (.npy or .pt, [B,L,512] or [B,512]); default: sample with --seed/--num.",
 )
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Aligned face photo to edit (repeat for several); inverted with --encoder.",
+)
+@click.option(
+    "--encoder",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="e4e checkpoint (e4e_ffhq_encode.pt) that inverts the --image photos.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling latents.")
 @click.option("--num", type=click.IntRange(1, 64), default=4, show_default=True, help="How many latents to sample.")
 @click.option("--truncation", type=click.FloatRange(0, 1), default=0.7, show_default=True, help="Truncation psi.")
@@ -60,6 +73,8 @@ def edit(
     sources: StageSources,
     prompts: tuple[str, ...],
     latents: Path | None,
+    images: tuple[Path, ...],
+    encoder: Path | None,
     seed: int,
     num: int,
     truncation: float,
@@ -79,8 +94,23 @@ def edit(
         raise InputError(f"--out {out}: the grid is a PNG; give a file name ending in .png")
     check_output_file(out, "--out")
     check_strength(strength, 1)
-    stages = _open_stages(sources, resolve_device(device), artifacts, backend)
-    if latents:
+    if bool(images) != (encoder is not None) or (images and latents):
+        raise InputError("--image and --encoder go together (the encoder inverts the photos), and not with --latents")
+    dev = resolve_device(device)
+    if images:
+        from ..checkpoints import load_encoder
+        from ..photos import open_photo, photo_latents
+
+        for image in images:
+            open_photo(image)
+        photo_encoder = load_encoder(encoder, device=dev)
+    stages = _open_stages(sources, dev, artifacts, backend)
+    photos = None
+    if images:
+        _say(f"inverting {len(images)} photo(s) with {encoder}")
+        w, photos = photo_latents(photo_encoder, f"--encoder {encoder}", images, stages.num_ws, stages.embed_dim,
+                                  stages.resolution)
+    elif latents:
         w = load_latents(latents, stages.num_ws, stages.embed_dim)
     else:
         w = stages.sample_latents(num, seed, truncation)
@@ -95,9 +125,10 @@ def edit(
         edited.append(w_edit)
         columns.append(to_uint8(stages.synthesize(w_edit)))
 
-    save_grid(out, columns, ["original", *prompts])
+    titles = ["original", *prompts] if photos is None else ["photo", "inversion", *prompts]
+    save_grid(out, columns if photos is None else [photos, *columns], titles)
     latents_path = save_latents(out.with_name(f"{out.stem}_latents.npy"), torch.stack(edited))
-    click.echo(f"wrote {out} ({len(prompts) + 1} columns x {w.shape[0]} rows)")
+    click.echo(f"wrote {out} ({len(titles)} columns x {w.shape[0]} rows)")
     click.echo(f"wrote {latents_path} (edited latents [prompts, batch, layers, 512])")
 
 
