@@ -1,9 +1,8 @@
-"""The benchmarked backends: whether each can run here, and the three stage functions each one offers.
+"""The benchmarked backends: whether each can run here, and the `Runtime` that serves each one.
 
-Every backend exposes the same calls on the same inputs: `text(prompts)`, `mapper(latents, embeddings)` and
-`generator(latents)`; the end-to-end `edit(prompts, latents)` chains the three. Outputs are float tensors on any
-device. eager and compile run the PyTorch modules; torchscript, onnxruntime, tensorrt, triton and openvino run
-exported artifacts through `ffclip.runtime.Runtime`.
+Every backend is a `ffclip.runtime.Runtime` (the one edit path) and runs the same calls on the same inputs (`call`).
+eager and compile run the PyTorch modules as an `EditPipeline`; torchscript, onnxruntime, tensorrt, triton and
+openvino run exported artifacts through `Runtime.load`.
 """
 
 from __future__ import annotations
@@ -11,26 +10,28 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ffclip.export.stages import STAGES as EXPORTED_STAGES
-from ffclip.export.stages import compute_precision
+from ffclip.artifacts import BACKENDS as SERVED_BACKENDS
+from ffclip.artifacts import PRECISIONS as PRECISION_DTYPES
+from ffclip.artifacts import STAGES as EXPORTED_STAGES
+from ffclip.artifacts import StageInfo, read_manifest
+from ffclip.engines import EngineUnavailable, engine_class
+from ffclip.runtime import Runtime
 
 STAGES = ("text", "mapper", "generator", "edit")
-BACKENDS = ("eager", "torchscript", "compile", "onnxruntime", "openvino", "tensorrt", "triton")
-PRECISIONS = ("fp32", "fp16", "bf16")
-# backends served from an artifact folder through `ffclip.runtime.Runtime`
-RUNTIME_BACKENDS = ("torchscript", "onnxruntime", "openvino", "tensorrt", "triton")
+# backends served from an artifact folder through `Runtime.load`
+RUNTIME_BACKENDS = tuple(b for b in SERVED_BACKENDS if b != "eager")
+BACKENDS = ("eager", "torchscript", "compile", *RUNTIME_BACKENDS[1:])
+PRECISIONS = tuple(PRECISION_DTYPES)
 # the export each runtime backend needs: one folder per group, so a format that fails leaves the others usable;
 # triton runs the eager weights that every export folder holds, so any group serves it
 EXPORT_GROUPS = {"torchscript": ("torchscript",), "onnxruntime": ("onnx",), "openvino": ("onnx", "openvino"),
                  "tensorrt": ("onnx", "tensorrt")}
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def skip_reason(backend: str, precision: str, device: torch.device) -> str | None:
@@ -73,45 +74,23 @@ def export_group(backends: tuple[str, ...] | list[str], backend: str) -> tuple[s
 def _engine_reason(backend: str, device: torch.device) -> str | None:
     """The engine's own verdict on `device`, or why the runtime cannot serve `backend` at all."""
     try:
-        from ffclip.engines import EngineUnavailable, engine_class
-    except ImportError:
-        return "ffclip.engines is not available in this installation"
-    try:
         return engine_class(backend).availability(device)
     except EngineUnavailable as exc:
         return str(exc)
 
 
-class StageSet:
-    """The three stage functions of one backend at one precision, and the chained edit."""
-
-    def __init__(
-        self,
-        text: Callable[[list[str]], torch.Tensor],
-        mapper: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        generator: Callable[[torch.Tensor], torch.Tensor],
-        close: Callable[[], None] = lambda: None,
-    ):
-        self.text = text
-        self.mapper = mapper
-        self.generator = generator
-        self.close = close
-
-    def edit(self, prompts: list[str], latents: torch.Tensor) -> torch.Tensor:
-        return self.generator(self.mapper(latents, self.text(prompts)))
-
-    def call(self, stage: str, inputs: dict[str, Any]) -> torch.Tensor:
-        """Run `stage` on the cell's inputs (`prompts`, `latents`, `embeddings`)."""
-        if stage == "text":
-            return self.text(inputs["prompts"])
-        if stage == "mapper":
-            return self.mapper(inputs["latents"], inputs["embeddings"])
-        if stage == "generator":
-            return self.generator(inputs["latents"])
-        return self.edit(inputs["prompts"], inputs["latents"])
+def call(stages: Runtime, stage: str, inputs: dict[str, Any]) -> torch.Tensor:
+    """Run `stage` on the cell's inputs (`prompts`, `latents`, `embeddings`); the edit gives float images."""
+    if stage == "text":
+        return stages.encode_text(inputs["prompts"])
+    if stage == "mapper":
+        return stages.modulate(inputs["latents"], inputs["embeddings"])
+    if stage == "generator":
+        return stages.synthesize(inputs["latents"])
+    return torch.cat(list(stages.edited(inputs["latents"], inputs["prompts"])))
 
 
-def stage_flops(stages: StageSet, inputs: dict[str, Any], names: list[str] | tuple[str, ...]) -> dict[str, float]:
+def stage_flops(stages: Runtime, inputs: dict[str, Any], names: list[str] | tuple[str, ...]) -> dict[str, float]:
     """FLOPs per item of each stage in `names` (convolutions and matrix products, as counted by torch's
     FlopCounterMode on the eager modules), from one call on `inputs` divided by its batch size."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -120,15 +99,9 @@ def stage_flops(stages: StageSet, inputs: dict[str, Any], names: list[str] | tup
     flops = {}
     for name in names:
         with FlopCounterMode(display=False) as counter:
-            stages.call(name, inputs)
+            call(stages, name, inputs)
         flops[name] = counter.get_total_flops() / batch
     return flops
-
-
-def _autocast(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    if precision == "fp32":
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 def build_modules(preset: str, device: torch.device, artifacts: Path | None = None) -> tuple[Any, Any, Any]:
@@ -136,8 +109,6 @@ def build_modules(preset: str, device: torch.device, artifacts: Path | None = No
     every backend runs the same weights), else `preset`'s seeded weights."""
     if artifacts is not None:
         from ffclip.checkpoints.bundle import load_module
-        from ffclip.engines import StageInfo
-        from ffclip.export.manifest import read_manifest
 
         manifest = read_manifest(artifacts, verify=False)
         loaded = []
@@ -154,53 +125,25 @@ def build_modules(preset: str, device: torch.device, artifacts: Path | None = No
     return text_encoder.to(device), mapper.to(device), generator.to(device)
 
 
-def module_stages(modules: tuple[Any, Any, Any], device: torch.device, precision: str, compiled: bool) -> StageSet:
-    """eager (or, with `compiled`, torch.compile) stages of the modules; reduced precision runs under autocast, for
-    the stages the export policy computes in it (not the mapper)."""
-    text_encoder, mapper, generator = modules
-    text_fn, mapper_fn, generator_fn = text_encoder, mapper, generator
+def module_stages(modules: tuple[Any, Any, Any], device: torch.device, precision: str, compiled: bool) -> Runtime:
+    """An `EditPipeline` of the modules (with `compiled`, each through torch.compile) at `precision`, its prompt cache
+    off so the text stage is computed on every call."""
+    from ffclip.pipeline import EditPipeline
+
     if compiled:
-        text_fn, mapper_fn, generator_fn = (torch.compile(m) for m in (text_encoder, mapper, generator))
-    autocast = _autocast(device, precision)
-    mapper_autocast = _autocast(device, compute_precision("mapper", precision))
-
-    @torch.inference_mode()
-    def text(prompts: list[str]) -> torch.Tensor:
-        tokens = text_encoder.tokenize(prompts).to(device)
-        with autocast():
-            return text_fn(tokens)
-
-    @torch.inference_mode()
-    def run_mapper(latents: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        with mapper_autocast():
-            return mapper_fn(latents, embeddings)
-
-    @torch.inference_mode()
-    def run_generator(latents: torch.Tensor) -> torch.Tensor:
-        with autocast():
-            return generator_fn(latents)
-
-    return StageSet(text, run_mapper, run_generator)
-
-
-def runtime_stages(folder: Path, backend: str, device: torch.device) -> StageSet:
-    """Stages served by `ffclip.runtime.Runtime` from the artifact `folder`; its prompt cache is off, so the text
-    stage is computed on every call."""
-    from ffclip.runtime import Runtime
-
-    runtime = Runtime.load(folder, backend=backend, device=device, cache_size=0)
-    return StageSet(runtime.encode_text, runtime.modulate, runtime.synthesize, close=runtime.close)
+        modules = tuple(torch.compile(m) for m in modules)
+    return EditPipeline(*modules, device=device, precision=precision, cache_size=0)
 
 
 @contextlib.contextmanager
 def open_stages(
     backend: str, preset: str, device: torch.device, precision: str, artifacts: Path | None
-) -> Iterator[StageSet]:
-    """The stages of `backend`, released on exit. eager and compile use the folder's weights when one is given."""
+) -> Iterator[Runtime]:
+    """The `Runtime` of `backend`, closed on exit. eager and compile use the folder's weights when one is given."""
     if backend in RUNTIME_BACKENDS:
         if artifacts is None:
             raise RuntimeError(f"the {backend} backend needs an artifact folder")
-        stages = runtime_stages(artifacts, backend, device)
+        stages = Runtime.load(artifacts, backend=backend, device=device, cache_size=0)
     else:
         modules = build_modules(preset, device, artifacts)
         stages = module_stages(modules, device, precision, compiled=backend == "compile")

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # relative max error against float64 per compute dtype (TF32 for the fp32 kernel GEMM counts as fp16-like)
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}
 # the fp16 generator against the fp32 one through every layer
@@ -74,12 +73,6 @@ class Check:
     result: dict[str, Any] = field(default_factory=dict)
 
 
-def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |y - ref| / max |ref|, in float64."""
-    y, ref = y.detach().double().cpu(), ref.detach().double().cpu()
-    return ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
 def _median_ms(fn: Callable[[], Any], plan: Plan) -> float:
     from ffclip.benchmarks.timing import summarize, time_calls
 
@@ -89,12 +82,14 @@ def _median_ms(fn: Callable[[], Any], plan: Plan) -> float:
 def kernel_checks(plan: Plan) -> list[Check]:
     """Each modulated-convolution layer kind and the mapper kernels against float64, timed against their references."""
     from ffclip import kernels
+    from ffclip.artifacts import PRECISIONS
+    from ffclip.export.parity import errors
 
     checks = []
     for dname in plan.kernel_dtypes:
         for label, c_in, c_out, size, ksize, up in plan.layers:
             def run(c_in=c_in, c_out=c_out, size=size, ksize=ksize, up=up, dname=dname) -> dict[str, Any]:
-                dtype, dev = DTYPES[dname], plan.device
+                dtype, dev = PRECISIONS[dname], plan.device
                 g = torch.Generator().manual_seed(0)
                 out_size = 2 * size if up else size
                 x = torch.randn(1, c_in, size, size, generator=g)
@@ -114,7 +109,7 @@ def kernel_checks(plan: Plan) -> list[Check]:
                 wd, sd = w.to(dev, dtype), s.to(dev, dtype)
                 fused = lambda: kernels.modulated_conv2d(xd, wd, sd, **on)  # noqa: E731
                 eager = lambda: kernels.modulated_conv2d_reference(xd, wd, sd, **on)  # noqa: E731
-                err = rel_error(fused(), ref)
+                err = errors(fused(), ref)[1]
                 return {"rel_err": err, "tolerance": TOLERANCE[dname], "ok": err <= TOLERANCE[dname],
                         "ms": _median_ms(fused, plan), "eager_ms": _median_ms(eager, plan)}
 
@@ -130,7 +125,7 @@ def kernel_checks(plan: Plan) -> list[Check]:
         q2, w, m, e = (t.to(plan.device) for t in (q2, w, m, e))
         fused = lambda: kernels.channel_attention(q2, w, m, e=e)  # noqa: E731
         eager = lambda: kernels.channel_attention_reference(q2, w, m, e=e)  # noqa: E731
-        err = rel_error(fused(), ref)
+        err = errors(fused(), ref)[1]
         return {"rel_err": err, "tolerance": TOLERANCE["fp32"], "ok": err <= TOLERANCE["fp32"],
                 "ms": _median_ms(fused, plan), "eager_ms": _median_ms(eager, plan)}
 
@@ -146,7 +141,7 @@ def kernel_checks(plan: Plan) -> list[Check]:
             module = module.float().to(plan.device)
             x, e = x.float().to(plan.device), e.float().to(plan.device)
             fused = lambda: module(x, e, "triton")  # noqa: E731
-            err = rel_error(fused(), ref)
+            err = errors(fused(), ref)[1]
             return {"rel_err": err, "tolerance": TOLERANCE["fp32"], "ok": err <= TOLERANCE["fp32"],
                     "ms": _median_ms(fused, plan), "eager_ms": _median_ms(lambda: module(x, e), plan)}
 
@@ -191,14 +186,16 @@ class _Skip(Exception):
 
 def model_checks(plan: Plan) -> list[Check]:
     """The mapper (fp32) and the generator (`plan.generator_dtype`) in every form at every batch, against eager."""
+    from ffclip.artifacts import PRECISIONS
     from ffclip.config import MapperConfig
+    from ffclip.export.parity import errors
     from ffclip.factory import build_generator, build_mapper
 
     state: dict[str, Any] = {}
 
     def models() -> tuple[Any, Any]:
         if not state:
-            dtype = DTYPES[plan.generator_dtype]
+            dtype = PRECISIONS[plan.generator_dtype]
             state["mapper"] = build_mapper(MapperConfig(num_ws=plan.mapper_layers, dim=plan.mapper_dim), seed=3).to(plan.device).eval()
             state["generator"] = build_generator(plan.generator, seed=4).to(plan.device, dtype).eval()
         return state["mapper"], state["generator"]
@@ -219,7 +216,7 @@ def model_checks(plan: Plan) -> list[Check]:
                     else:
                         module = generator
                         w = torch.randn(batch, plan.generator.num_ws, plan.generator.style_dim, generator=g)
-                        w = w.to(plan.device, DTYPES[plan.generator_dtype])
+                        w = w.to(plan.device, PRECISIONS[plan.generator_dtype])
                         call = lambda: module.synthesis(w)  # noqa: E731
                         precision = plan.generator_dtype
                     with torch.no_grad():
@@ -228,7 +225,7 @@ def model_checks(plan: Plan) -> list[Check]:
                         _set_form(module, "triton" if form == "triton" else "eager")
                         try:
                             fn = _runner(form, call, plan)
-                            err = rel_error(fn(), expected)
+                            err = errors(fn(), expected)[1]
                             ms = _median_ms(fn, plan)
                         finally:
                             _set_form(module, "eager")
@@ -248,6 +245,7 @@ def edit_check(plan: Plan) -> Check:
     """Text encoder, mapper and generator in one edit at batch 1 (eager, the generator in its check dtype)."""
 
     def run() -> dict[str, Any]:
+        from ffclip.artifacts import PRECISIONS
         from ffclip.config import PRESETS, MapperConfig, Preset
         from ffclip.factory import build_preset
 
@@ -256,14 +254,14 @@ def edit_check(plan: Plan) -> Check:
             preset = Preset(name="check", generator=plan.generator, mapper=MapperConfig(num_ws=plan.generator.num_ws),
                             text=PRESETS["random"].text, seed=5)
         text, mapper, generator = (m.to(plan.device).eval() for m in build_preset(preset))
-        generator.to(DTYPES[plan.generator_dtype])
+        generator.to(PRECISIONS[plan.generator_dtype])
         tokens = text.tokenize(["a smiling face"]).to(plan.device)
         w = torch.randn(1, preset.generator.num_ws, preset.generator.style_dim).to(plan.device)
 
         def edit() -> torch.Tensor:
             with torch.no_grad():
                 embedding = text(tokens)
-                return generator.synthesis(mapper(w, embedding).to(DTYPES[plan.generator_dtype]))
+                return generator.synthesis(mapper(w, embedding).to(PRECISIONS[plan.generator_dtype]))
 
         image = edit()
         return {"ok": bool(torch.isfinite(image).all()), "ms": _median_ms(edit, plan)}
@@ -282,11 +280,10 @@ def tensorrt_check(plan: Plan) -> Check:
             raise _Skip(reason)
         import tempfile
 
+        from ffclip.artifacts import StageInfo, read_manifest
         from ffclip.config import PRESETS
-        from ffclip.engines.base import StageInfo
         from ffclip.engines.tensorrt import TensorRTEngine
         from ffclip.export.exporter import ExportOptions, export_artifacts
-        from ffclip.export.manifest import read_manifest
         from ffclip.factory import build_preset
 
         with tempfile.TemporaryDirectory() as tmp:

@@ -162,7 +162,7 @@ class Benchmark:
         self.runnable, self.skipped = plan(settings)
         self.given: dict[str, Any] | None = None
         if settings.artifacts is not None:
-            from ffclip.export.manifest import read_manifest
+            from ffclip.artifacts import read_manifest
 
             self.given = read_manifest(settings.artifacts, verify=False)
 

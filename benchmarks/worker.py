@@ -14,7 +14,6 @@ Events go to the original stdout as JSON lines; anything else the libraries prin
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import sys
@@ -27,8 +26,10 @@ import torch
 
 from ffclip.atomic import atomic_file
 from ffclip.errors import FfclipError, summarize as summarize_error
+from ffclip.export.parity import errors, float64_referee
+from ffclip.runtime import Runtime
 
-from ffclip.benchmarks.backends import EXPORTED_STAGES, StageSet, build_modules, module_stages, open_stages, stage_flops
+from ffclip.benchmarks.backends import EXPORTED_STAGES, build_modules, call, module_stages, open_stages, stage_flops
 from ffclip.benchmarks.machine import cpu_fp32_peak, machine_info
 from ffclip.benchmarks.runner import Cell
 from ffclip.benchmarks.timing import PeakMemory, release_freed_memory, summarize, time_calls
@@ -53,11 +54,9 @@ def batch_inputs(reference: dict[str, Any], batch: int, device: torch.device) ->
 def max_abs_error(output: torch.Tensor, expected: torch.Tensor) -> float | None:
     """max |output - expected| in float32; None when the output holds NaN or Inf."""
     got = output.detach().float().cpu()
-    if tuple(got.shape) != tuple(expected.shape):
-        raise ValueError(f"output shape {list(got.shape)}, expected {list(expected.shape)} as eager gives")
     if not torch.isfinite(got).all():
         return None
-    return (got - expected).abs().max().item()
+    return errors(got, expected)[0]
 
 
 def prompts_for(batch: int) -> list[str]:
@@ -71,7 +70,7 @@ def fp64_floors(
 ) -> dict[str, float]:
     """max |eager fp32 - eager fp64| of the text and mapper stages: the rounding noise any correct fp32 path shows
     (the seeded random mapper amplifies it strongly)."""
-    text64, mapper64 = (copy.deepcopy(m).double() for m in modules[:2])
+    text64, mapper64 = (float64_referee(m) for m in modules[:2])
     floors = {}
     for batch in job["batches"]:
         inputs = batch_inputs(reference, batch, device)
@@ -80,10 +79,10 @@ def fp64_floors(
             if stage not in job["stages"] or key not in reference["outputs"]:
                 continue
             if stage == "text":
-                exact = text64(text64.tokenize(inputs["prompts"]).to(device))
+                exact = text64(modules[0].tokenize(inputs["prompts"]).to(device))
             else:
-                exact = mapper64(inputs["latents"].double(), inputs["embeddings"].double())
-            floors[key] = (reference["outputs"][key].double() - exact.cpu()).abs().max().item()
+                exact = mapper64(inputs["latents"], inputs["embeddings"])
+            floors[key] = errors(reference["outputs"][key], exact)[0]
     return floors
 
 
@@ -100,9 +99,10 @@ def make_reference(job: dict[str, Any], emit: Emit) -> None:
     stages = module_stages(modules, device, "fp32", compiled=False)
     with torch.inference_mode():
         latents = generator.mapping(z.to(device), TRUNCATION).contiguous()
-    reference: dict[str, Any] = {"prompts": prompts, "latents": latents.cpu(), "embeddings": stages.text(prompts).cpu()}
+    reference: dict[str, Any] = {"prompts": prompts, "latents": latents.cpu(),
+                                 "embeddings": stages.encode_text(prompts).cpu()}
     reference["outputs"] = {
-        f"{stage}/{batch}": stages.call(stage, batch_inputs(reference, batch, device)).float().cpu()
+        f"{stage}/{batch}": call(stages, stage, batch_inputs(reference, batch, device)).float().cpu()
         for stage in job["stages"]
         for batch in job["batches"]
     }
@@ -144,17 +144,17 @@ def _failure(exc: BaseException) -> str:
 
 
 def measure(
-    stages: StageSet, cell: Cell, reference: dict[str, Any], device: torch.device, job: dict[str, Any]
+    stages: Runtime, cell: Cell, reference: dict[str, Any], device: torch.device, job: dict[str, Any]
 ) -> dict[str, Any]:
     """Time one cell; its first (untimed) call gives the output compared with eager fp32."""
     inputs = batch_inputs(reference, cell.batch, device)
-    output = stages.call(cell.stage, inputs)
+    output = call(stages, cell.stage, inputs)
     error = max_abs_error(output, reference["outputs"][f"{cell.stage}/{cell.batch}"])
     del output
     release_freed_memory()
     with PeakMemory(device) as memory:
         samples = time_calls(
-            lambda: stages.call(cell.stage, inputs),
+            lambda: call(stages, cell.stage, inputs),
             device,
             warmup=max(0, job["warmup"] - 1),
             iters=job["iters"],

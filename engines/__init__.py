@@ -1,37 +1,30 @@
 """Backends that run an exported stage, behind the `StageEngine` interface of `ffclip.engines.base`.
 
-Backends are imported only when asked for, so `tensorrt` or `triton` are never imported unless used.
+The backend named `b` (one of `ffclip.artifacts.BACKENDS`) lives in `ffclip.engines.b`, imported only when asked for,
+so `tensorrt` or `triton` are never imported unless used.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from ffclip.engines.base import EngineUnavailable, StageEngine, StageInfo, TensorInfo
-
-# backend name -> "module:class"; a module that is not installed makes its backend unavailable, not an error
-BACKENDS: dict[str, str] = {
-    "eager": "ffclip.engines.eager:EagerEngine",
-    "torchscript": "ffclip.engines.torchscript:TorchScriptEngine",
-    "onnxruntime": "ffclip.engines.onnxruntime:OnnxRuntimeEngine",
-    "tensorrt": "ffclip.engines.tensorrt:TensorRTEngine",
-    "triton": "ffclip.engines.triton:TritonEngine",
-    "openvino": "ffclip.engines.openvino:OpenVinoEngine",
-}
+from ffclip.artifacts import BACKENDS
+from ffclip.engines.base import EngineUnavailable, StageEngine
 
 
 def engine_class(backend: str) -> type[StageEngine]:
     """The engine class of `backend`; `EngineUnavailable` for an unknown name or a backend whose module is absent."""
     if backend not in BACKENDS:
         raise EngineUnavailable(f"unknown backend {backend!r}; known backends: {', '.join(BACKENDS)}")
-    module_name, attr = BACKENDS[backend].split(":")
+    module_name = f"ffclip.engines.{backend}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name != module_name:
             raise
         raise EngineUnavailable(f"the {backend} backend is not part of this installation") from None
-    return getattr(module, attr)
+    return next(c for c in vars(module).values()
+                if isinstance(c, type) and issubclass(c, StageEngine) and c.__dict__.get("backend") == backend)
 
 
-__all__ = ["BACKENDS", "EngineUnavailable", "StageEngine", "StageInfo", "TensorInfo", "engine_class"]
+__all__ = ["EngineUnavailable", "StageEngine", "engine_class"]

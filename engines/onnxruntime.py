@@ -10,10 +10,9 @@ from typing import Any
 
 import torch
 
+from ffclip.artifacts import ArtifactError, StageInfo
+from ffclip.engines.base import StageEngine, cuda_reason
 from ffclip.errors import summarize
-from ffclip.export.manifest import ArtifactError
-
-from ffclip.engines.base import StageEngine, StageInfo, cuda_reason
 
 
 def _tensors(graph: Any) -> Iterator[Any]:

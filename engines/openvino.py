@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ffclip.engines.base import EngineUnavailable, StageEngine, StageInfo
+from ffclip.artifacts import StageInfo
+from ffclip.engines.base import EngineUnavailable, StageEngine
 
 MODES = ("auto", "latency", "throughput")
 # inference precision hint per ffclip precision name

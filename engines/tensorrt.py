@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from ffclip.engines.base import DTYPES, EngineUnavailable, StageEngine, StageInfo
+from ffclip.artifacts import DTYPES, StageInfo
+from ffclip.engines.base import EngineUnavailable, StageEngine
 
 _LOG = logging.getLogger("ffclip.tensorrt")
 # TensorRT's DataType names -> the manifest's dtype names

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ffclip.engines.base import EngineUnavailable, StageEngine, StageInfo, cuda_reason
+from ffclip.artifacts import StageInfo
+from ffclip.engines.base import EngineUnavailable, StageEngine, cuda_reason
 
 
 class TorchScriptEngine(StageEngine):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ffclip.engines.base import StageInfo, cuda_reason
+from ffclip.artifacts import StageInfo
+from ffclip.engines.base import cuda_reason
 from ffclip.engines.eager import EagerEngine
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import platform
 import shutil
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ffclip.artifacts import MANIFEST, PRECISIONS, compute_precision, model_facts, read_manifest, sha256, write_manifest
 from ffclip.atomic import atomic_dir
 from ffclip.checkpoints.bundle import save_module
 from ffclip.engines import engine_class
@@ -23,11 +25,10 @@ from ffclip.engines.tensorrt import bf16_supported, tensorrt_reason
 from ffclip.errors import FfclipError, InputError, summarize
 from ffclip.outputs import check_output_folder
 
-from ffclip.export.manifest import MANIFEST, read_manifest, sha256, write_manifest
 from ffclip.export.onnx_export import DEFAULT_OPSET, export_onnx
 from ffclip.export.openvino_export import export_openvino, openvino_skip_reason
-from ffclip.export.parity import Parity, check_parity
-from ffclip.export.stages import FLOAT64_REFEREE, PRECISIONS, StageSpec, compute_precision, format_precision, stage_specs
+from ffclip.export.parity import Parity, check_parity, float64_referee
+from ffclip.export.stages import FLOAT64_REFEREE, StageSpec, format_precision, stage_specs
 from ffclip.export.tensorrt_build import TIMING_CACHE, build_engine, export_precision_onnx
 from ffclip.export.torchscript_export import export_torchscript
 
@@ -171,14 +172,10 @@ def _export_stage(
         with torch.no_grad():
             return {spec.output_names[0]: module(*(inputs[n] for n in spec.input_names))}
 
-    module64: list[nn.Module] = []
+    floor = functools.cache(lambda: float64_referee(module))
 
     def reference64(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not module64:
-            module64.append(copy.deepcopy(module).double())
-        cast = [x.double() if x.is_floating_point() else x for x in (inputs[n] for n in spec.input_names)]
-        with torch.no_grad():
-            return {spec.output_names[0]: module64[0](*cast)}
+        return {spec.output_names[0]: floor()(*(inputs[n] for n in spec.input_names))}
 
     for fmt in FORMATS:
         reason = _skip_reason(fmt, entry, options)
@@ -234,7 +231,7 @@ def _build_onnx(spec, module, folder, options, entry, references) -> Parity:
         "external_data": result.external_data,
     }
     # ONNX files are fp32 graphs (TensorRT applies the reduced precision), checked on ONNX Runtime's CPU provider
-    return _parity(spec, folder, options, entry, "onnx", "onnxruntime", torch.device("cpu"), "fp32", references)
+    return _parity(spec, folder, options, entry, "onnxruntime", torch.device("cpu"), "fp32", references)
 
 
 def _build_torchscript(spec, module, folder, options, entry, references) -> Parity:
@@ -244,7 +241,7 @@ def _build_torchscript(spec, module, folder, options, entry, references) -> Pari
     export_torchscript(spec, module, path, options.device, dtype)
     entry["files"]["torchscript"] = path.relative_to(folder).as_posix()
     entry["torchscript"] = {"device": options.device.type, "compute_dtype": str(dtype).removeprefix("torch.")}
-    return _parity(spec, folder, options, entry, "torchscript", "torchscript", options.device, precision, references)
+    return _parity(spec, folder, options, entry, "torchscript", options.device, precision, references)
 
 
 def _build_tensorrt(spec, module, folder, options, entry, references) -> Parity:
@@ -263,7 +260,7 @@ def _build_tensorrt(spec, module, folder, options, entry, references) -> Parity:
     entry["files"]["tensorrt"] = plan.relative_to(folder).as_posix()
     entry["tensorrt"] = {**facts, "onnx": graph.relative_to(folder).as_posix(),
                          "build_log": f"tensorrt/{spec.name}.build.log", "timing_cache": TIMING_CACHE}
-    return _parity(spec, folder, options, entry, "tensorrt", "tensorrt", options.device, options.precision, references)
+    return _parity(spec, folder, options, entry, "tensorrt", options.device, options.precision, references)
 
 
 def _build_openvino(spec, module, folder, options, entry, references) -> Parity:
@@ -272,7 +269,7 @@ def _build_openvino(spec, module, folder, options, entry, references) -> Parity:
     entry["files"]["openvino"] = xml.relative_to(folder).as_posix()
     entry["openvino"] = {**facts, "weights": xml.with_suffix(".bin").relative_to(folder).as_posix()}
     precision = compute_precision(spec.name, options.precision)
-    return _parity(spec, folder, options, entry, "openvino", "openvino", torch.device("cpu"), precision, references)
+    return _parity(spec, folder, options, entry, "openvino", torch.device("cpu"), precision, references)
 
 
 _BUILDERS = {
@@ -283,7 +280,7 @@ _BUILDERS = {
 }
 
 
-def _parity(spec, folder, options, entry, fmt, backend, device, precision, references) -> Parity:
+def _parity(spec, folder, options, entry, backend, device, precision, references) -> Parity:
     """Run the artifact through its engine and compare with the stage's referee on the CPU (eager fp32 or float64)."""
     info = spec.info(entry["files"], options.batch, options.precision, entry)
     engine = engine_class(backend)(folder, info, device)
@@ -325,12 +322,7 @@ def _manifest(modules, options: ExportOptions, preset: str, sources, stages) -> 
         "precision": options.precision,
         "export_device": str(options.device),
         "batch": {"min": options.min_batch, "opt": options.opt_batch, "max": options.max_batch},
-        "model": {
-            "num_ws": generator.num_ws,
-            "resolution": generator.resolution,
-            "embed_dim": text_encoder.embed_dim,
-            "context_length": text_encoder.tokenizer.context_length,
-        },
+        "model": model_facts(text_encoder, generator),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -131,7 +131,7 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> bool:
 
 
 class _quiet_exporter:
-    """Silence the exporter's progress lines on the root logger and stdout during one export."""
+    """Raise the `torch.onnx` logger to ERROR during one export, so its progress messages are not shown."""
 
     def __enter__(self) -> None:
         self._level = logging.getLogger("torch.onnx").level

@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ffclip.artifacts import compute_precision
 from ffclip.engines.openvino import INFERENCE_PRECISIONS, bf16_reason, openvino_reason
-
-from ffclip.export.stages import compute_precision
 
 
 def openvino_skip_reason(precision: str) -> str | None:

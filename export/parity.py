@@ -8,11 +8,13 @@ their distance to the exact answer, not to another float32 result.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from ffclip.export.stages import StageSpec, Tolerance
 
@@ -57,6 +59,18 @@ def errors(actual: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]
     diff = (a - b).abs().max().item()
     scale = b.abs().max().item()
     return diff, diff / scale if scale > 0 else diff
+
+
+def float64_referee(module: nn.Module) -> Callable[..., torch.Tensor]:
+    """`module` evaluated in float64 ("the floor"): a float64 copy that takes the module's positional inputs (float ones
+    are cast to float64) and returns its float64 output."""
+    module64 = copy.deepcopy(module).double()
+
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module64(*(x.double() if x.is_floating_point() else x for x in inputs))
+
+    return run
 
 
 def check_parity(

@@ -1,6 +1,7 @@
-"""How each stage describes its own export: tensor names, dtypes, shapes, example inputs, tolerances.
+"""How each stage describes its own export: its tensors (from `ffclip.artifacts`), example inputs and tolerances.
 
-ONNX, TorchScript and TensorRT export, the parity checks and every engine read their facts from `StageSpec`.
+ONNX, TorchScript and TensorRT export and the parity checks read their facts from `StageSpec`; engines read the same
+tensors back from the manifest as `ffclip.artifacts.StageInfo`.
 """
 
 from __future__ import annotations
@@ -12,12 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ffclip.engines.base import StageInfo, TensorInfo
+from ffclip.artifacts import StageInfo, TensorInfo, check_stages_fit, compute_precision, model_facts, stage_tensors
 from ffclip.models import Generator, Mapper, TextEncoder
-from ffclip.models.text_encoder import CONTEXT_LENGTH
-
-STAGES = ("text_encoder", "mapper", "generator")
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # CLIP's start/end-of-text tokens: the last two entries of its 49408-token vocabulary
 _SOT_OFFSET, _EOT_OFFSET = 2, 1
@@ -49,15 +46,6 @@ _TOLERANCES: dict[str, dict[str, Tolerance]] = {
 MAPPER_TOLERANCE = Tolerance("rel", 1e-2)
 FLOAT64_REFEREE = "float64"
 EAGER_REFEREE = "eager fp32"
-
-# Stages that compute in float32 whatever the export's precision: the mapper (0.1% of an edit's arithmetic) misses
-# MAPPER_TOLERANCE in fp16 and bf16, where its output is mostly rounding noise.
-FLOAT32_STAGES = ("mapper",)
-
-
-def compute_precision(stage: str, precision: str) -> str:
-    """The precision `stage` computes in for an export at `precision`, where the format can compute it."""
-    return "fp32" if stage in FLOAT32_STAGES else precision
 
 
 def format_precision(stage: str, precision: str, fmt: str, device: torch.device) -> str:
@@ -125,12 +113,12 @@ class StageSpec:
         )
 
 
-def _tokens(vocab_size: int) -> Callable[[int, torch.Generator], dict[str, torch.Tensor]]:
+def _tokens(vocab_size: int, context_length: int) -> Callable[[int, torch.Generator], dict[str, torch.Tensor]]:
     sot, eot = vocab_size - _SOT_OFFSET, vocab_size - _EOT_OFFSET
 
     def make(batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-        tokens = torch.zeros(batch, CONTEXT_LENGTH, dtype=torch.int64)
-        lengths = torch.randint(1, CONTEXT_LENGTH - 1, (batch,), generator=g)
+        tokens = torch.zeros(batch, context_length, dtype=torch.int64)
+        lengths = torch.randint(1, context_length - 1, (batch,), generator=g)
         for i, n in enumerate(lengths.tolist()):
             tokens[i, 0] = sot
             tokens[i, 1 : n + 1] = torch.randint(1, sot, (n,), generator=g)
@@ -150,41 +138,17 @@ def _latents(num_ws: int, dim: int, with_embedding: bool) -> Callable[[int, torc
     return make
 
 
-def _f32(name: str, *shape: int) -> TensorInfo:
-    return TensorInfo(name, "float32", ("batch", *shape))
-
-
 def stage_specs(text_encoder: TextEncoder, mapper: Mapper, generator: Generator) -> dict[str, StageSpec]:
-    """The three stages' specs, read from the modules' configurations."""
-    embed = text_encoder.embed_dim
-    num_ws, dim = mapper.num_ws, mapper.config.dim
-    if generator.num_ws != num_ws or generator.config.style_dim != dim or embed != dim:
-        raise ValueError(
-            f"stages do not fit together: mapper {num_ws}x{dim}, generator {generator.num_ws}x"
-            f"{generator.config.style_dim}, text embedding {embed}"
-        )
-    vocab = text_encoder.clip.vocab_size
-    res = generator.resolution
-    return {
-        "text_encoder": StageSpec(
-            "text_encoder",
-            (TensorInfo("tokens", "int64", ("batch", CONTEXT_LENGTH)),),
-            (_f32("embedding", embed),),
-            _tokens(vocab),
-        ),
-        "mapper": StageSpec(
-            "mapper",
-            (_f32("w", num_ws, dim), _f32("embedding", dim)),
-            (_f32("w_edit", num_ws, dim),),
-            _latents(num_ws, dim, with_embedding=True),
-        ),
-        "generator": StageSpec(
-            "generator",
-            (_f32("w", num_ws, dim),),
-            (_f32("image", 3, res, res),),
-            _latents(num_ws, dim, with_embedding=False),
-        ),
+    """The three stages' specs, read from the modules' configurations; `InputError` when they do not fit together."""
+    check_stages_fit(text_encoder, mapper, generator)
+    model = model_facts(text_encoder, generator)
+    num_ws, dim = model["num_ws"], model["embed_dim"]
+    inputs = {
+        "text_encoder": _tokens(text_encoder.clip.vocab_size, model["context_length"]),
+        "mapper": _latents(num_ws, dim, with_embedding=True),
+        "generator": _latents(num_ws, dim, with_embedding=False),
     }
+    return {name: StageSpec(name, *tensors, inputs[name]) for name, tensors in stage_tensors(model).items()}
 
 
 class Boundary(nn.Module):

@@ -17,11 +17,11 @@ import onnx
 import torch
 from torch import nn
 
+from ffclip.artifacts import PRECISIONS, compute_precision
 from ffclip.engines.tensorrt import gpu_facts, import_tensorrt, make_logger
-
 from ffclip.export import tensorrt_operators
 from ffclip.export.onnx_export import export_onnx
-from ffclip.export.stages import PRECISIONS, StageSpec, compute_precision
+from ffclip.export.stages import StageSpec
 
 TIMING_CACHE = "tensorrt/timing.cache"
 _WORKSPACE_BYTES = 8 << 30

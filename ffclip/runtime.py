@@ -2,7 +2,8 @@
 
 The runtime checks the folder against its manifest, validates inputs, splits batches into chunks that an engine
 takes and that fit a memory budget, caches text embeddings per prompt and may be called from many threads at once.
-Outputs are float32 tensors on the runtime's device; `edit` returns uint8 images on the CPU.
+Outputs are float32 tensors on the runtime's device; `edit` returns uint8 images on the CPU. This is the one edit
+path: `ffclip.pipeline.EditPipeline` is a `Runtime` over eager engines of in-memory modules.
 
 Engines load only bytes that were read once and checked against the manifest. A folder is pinned by passing the
 sha256 of its `manifest.json` (printed by `ffclip-export`); for a folder that is not pinned, `backend="auto"` chooses
@@ -15,21 +16,20 @@ import math
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
+from torch import nn
 
+from .artifacts import STAGES, ArtifactError, StageInfo, read_manifest
 from .checkpoints.bundle import load_module
 from .devices import resolve_device
-from .engines import StageEngine, StageInfo, engine_class
-from .engines.base import EngineUnavailable
+from .engines import EngineUnavailable, StageEngine, engine_class
 from .errors import InputError
-from .export.manifest import ArtifactError, read_manifest
-from .inputs import as_prompts, check_embeddings
-from .export.stages import STAGES
 from .imaging import to_uint8
+from .inputs import as_prompts, check_embeddings
 from .latents import check_latents, sample_latents
 from .models.text_encoder import tokenize
 from .strength import apply_strength, check_strength
@@ -45,13 +45,15 @@ WORKING_MEMORY_FACTOR = 128
 
 
 class Runtime:
-    """Three stage engines of one backend over one artifact folder. Use `Runtime.load`."""
+    """Three stage engines of one backend. Use `Runtime.load` for an artifact folder.
 
-    def __init__(self, folder: Path, manifest: dict, engines: dict[str, StageEngine], backend: str, device: torch.device,
-                 max_batch: int | None = None, cache_size: int = 1024,
+    `model` holds the sizes of `ffclip.artifacts.model_facts`; `mapping` gives, when first needed, the module whose
+    mapping network `sample_latents` runs (the generator)."""
+
+    def __init__(self, engines: dict[str, StageEngine], model: dict[str, int], mapping: Callable[[], nn.Module],
+                 backend: str, device: torch.device, max_batch: int | None = None, cache_size: int = 1024,
                  memory_budget_mib: float | None = DEFAULT_MEMORY_BUDGET_MIB):
-        self.folder = folder
-        self.manifest = manifest
+        self.model = model
         self._engines = engines
         self._backend = backend
         self._device = device
@@ -60,8 +62,9 @@ class Runtime:
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
         self._cache_lock = threading.Lock()
-        self._mapping: torch.nn.Module | None = None
-        self._tokenizer = SimpleTokenizer(context_length=manifest["model"]["context_length"])
+        self._load_mapping = mapping
+        self._mapping: nn.Module | None = None
+        self._tokenizer = SimpleTokenizer(context_length=model["context_length"])
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "auto", device: str | torch.device | None = None,
@@ -76,9 +79,15 @@ class Runtime:
         dev = resolve_device(device)
         manifest = read_manifest(folder, expected_sha256=expected_sha256)
         infos = {name: StageInfo.from_manifest(manifest, name) for name in STAGES}
-        options = (max_batch, cache_size, memory_budget_mib)
+
+        def mapping() -> nn.Module:
+            with infos["generator"].checked_file(folder, "eager") as path:
+                return load_module(path)
+
+        options = (manifest["model"], mapping)
+        limits = (max_batch, cache_size, memory_budget_mib)
         if backend != "auto":
-            return cls(folder, manifest, _open_engines(folder, infos, backend, dev), backend, dev, *options)
+            return cls(_open_engines(folder, infos, backend, dev), *options, backend, dev, *limits)
         reasons = []
         for candidate in _candidates(infos, dev, pinned=expected_sha256 is not None):
             try:
@@ -86,7 +95,7 @@ class Runtime:
             except (EngineUnavailable, ArtifactError) as exc:  # e.g. an engine built for another GPU: fall back
                 reasons.append(f"{candidate}: {exc}")
                 continue
-            return cls(folder, manifest, engines, candidate, dev, *options)
+            return cls(engines, *options, candidate, dev, *limits)
         raise ArtifactError(
             f"no backend can serve {folder} on {dev}" + (f" ({'; '.join(reasons)})" if reasons else "")
             + "; re-export it with ffclip-export"
@@ -102,26 +111,27 @@ class Runtime:
 
     @property
     def num_ws(self) -> int:
-        return int(self.manifest["model"]["num_ws"])
+        return int(self.model["num_ws"])
 
     @property
     def resolution(self) -> int:
-        return int(self.manifest["model"]["resolution"])
+        return int(self.model["resolution"])
 
     @property
     def embed_dim(self) -> int:
-        return int(self.manifest["model"]["embed_dim"])
+        return int(self.model["embed_dim"])
 
     def sample_latents(self, num: int, seed: int = 0, truncation: float = 1.0) -> torch.Tensor:
-        """`w+ [num, L, 512]` through the mapping network of the generator bundle in the folder (CPU, float32)."""
+        """`w+ [num, L, D]` (CPU, float32) from seeded `z` through the generator's mapping network, truncated towards
+        `w_avg`."""
         with self._cache_lock:
             if self._mapping is None:
-                with StageInfo.from_manifest(self.manifest, "generator").checked_file(self.folder, "eager") as path:
-                    self._mapping = load_module(path)
+                self._mapping = self._load_mapping()
         return sample_latents(self._mapping, num, seed, truncation)
 
     def encode_text(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """Raw CLIP text embeddings, float32 `[B, embed_dim]`, one row per prompt (cached per prompt string)."""
+        """Raw CLIP text embeddings, float32 `[B, embed_dim]`, one row per prompt (a string is one prompt; cached per
+        prompt string)."""
         prompts = as_prompts(prompts)
         tokens = tokenize(self._tokenizer, prompts)
         unique = list(dict.fromkeys(prompts))
@@ -140,14 +150,14 @@ class Runtime:
         return torch.stack([found[p] for p in prompts]).to(self._device)
 
     def modulate(self, latents: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        """Edited latents `[B, num_ws, 512]` from `latents [B, num_ws, 512]` and `embeddings [B, 512]` (or `[512]` /
-        `[1, 512]` for one embedding shared by all)."""
+        """Edited latents `[B, L, D]` from `latents [B, L, D]` (or `[B, D]`) and `embeddings [B, D]` (or `[D]` /
+        `[1, D]` for one embedding shared by all)."""
         w = check_latents(latents, self.num_ws, self.embed_dim).to(self._device)
         e = check_embeddings(embeddings, w.shape[0], self.embed_dim)
         return self._run("mapper", {"w": w, "embedding": e})["w_edit"]
 
     def synthesize(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images float32 `[B, 3, R, R]`, roughly in [-1, 1], from latents `[B, num_ws, 512]`."""
+        """Images float32 `[B, 3, R, R]`, roughly in [-1, 1], from latents `[B, L, D]` (or `[B, D]`)."""
         w = check_latents(latents, self.num_ws, self.embed_dim).to(self._device)
         return self._run("generator", {"w": w})["image"]
 
@@ -155,19 +165,25 @@ class Runtime:
              strength: float | Sequence[float] | torch.Tensor = 1.0) -> torch.Tensor:
         """Edited images uint8 `[B, R, R, 3]` (CPU). `prompts` is one prompt applied to every latent, or a list of
         exactly one prompt per latent; `strength` (one, or one per latent) scales the edit (`ffclip.strength`)."""
+        # chunk by chunk, so only the uint8 images of the whole batch are held
+        return torch.cat([to_uint8(images) for images in self.edited(latents, prompts, strength)])
+
+    def edited(self, latents: torch.Tensor, prompts: str | Sequence[str],
+               strength: float | Sequence[float] | torch.Tensor = 1.0) -> Iterator[torch.Tensor]:
+        """The images of `edit` as float32 `[b, 3, R, R]` on the device, one chunk of rows at a time; the inputs are
+        checked before the first chunk is computed."""
         w = check_latents(latents, self.num_ws, self.embed_dim).to(self._device)
         prompts = as_prompts(prompts)
         if len(prompts) not in (1, w.shape[0]):
             raise InputError(f"{len(prompts)} prompts for {w.shape[0]} latents; give one prompt, or one per latent")
         s = check_strength(strength, w.shape[0])
-        e = self.encode_text(prompts)
+        return self._edit_chunks(w, self.encode_text(prompts), s)
+
+    def _edit_chunks(self, w: torch.Tensor, e: torch.Tensor, s: torch.Tensor | None) -> Iterator[torch.Tensor]:
         step = min(self.chunk_rows("mapper"), self.chunk_rows("generator"))
-        images = []
-        for i in range(0, w.shape[0], step):  # chunk by chunk, so only the uint8 images of the whole batch are held
+        for i in range(0, w.shape[0], step):
             wi, ei = w[i : i + step], e if e.shape[0] == 1 else e[i : i + step]
-            edited = apply_strength(wi, self.modulate(wi, ei), 1.0 if s is None else s[i : i + step])
-            images.append(to_uint8(self.synthesize(edited)))
-        return torch.cat(images)
+            yield self.synthesize(apply_strength(wi, self.modulate(wi, ei), 1.0 if s is None else s[i : i + step]))
 
     def chunk_rows(self, stage: str) -> int:
         """The most rows one call of `stage`'s engine gets: the engine's own limit, `max_batch`, and the rows whose

@@ -157,11 +157,13 @@ def test_tiny_run_writes_results_and_lists_unavailable_backends(tmp_path, capsys
     assert eager["memory_kind"] == "rss growth" and eager["memory_mib"] >= 0
     assert eager["floor"] is not None
 
-    assert rows["tensorrt", "fp32"]["status"] == "skipped"
-    assert rows["tensorrt", "fp32"]["reason"] == "TensorRT is not installed"
+    # skipped on the CPU whether or not the tensorrt package imports here
+    tensorrt = rows["tensorrt", "fp32"]
+    assert tensorrt["status"] == "skipped"
+    assert tensorrt["reason"] in ("TensorRT is not installed", "TensorRT needs a CUDA device")
     assert rows["triton", "fp32"]["reason"] == "no CUDA device; the Triton interpreter is not a benchmark"
     assert rows["eager", "fp16"]["status"] == "skipped" and "fp16 on the CPU" in rows["eager", "fp16"]["reason"]
 
     markdown = (out / "results.md").read_text()
-    assert "| mapper | eager | fp32 | 1 |" in markdown and "TensorRT is not installed" in markdown
+    assert "| mapper | eager | fp32 | 1 |" in markdown and tensorrt["reason"] in markdown
     assert "mapper" in capsys.readouterr().out

@@ -44,7 +44,7 @@ import enum  # noqa: E402
 import logging  # noqa: E402
 import types  # noqa: E402
 
-from ffclip.engines.base import StageInfo, TensorInfo  # noqa: E402
+from ffclip.artifacts import StageInfo, TensorInfo  # noqa: E402
 from ffclip.engines.tensorrt import GraphRunner, io_problems, io_tensors, make_logger, profile_batch  # noqa: E402
 from ffclip.export.tensorrt_build import load_timing_cache  # noqa: E402
 

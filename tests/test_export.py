@@ -11,7 +11,7 @@ from export_fixtures import TINY
 
 from ffclip.export import exporter as exporter_module
 from ffclip.export.exporter import ExportFailed, ExportOptions, export_artifacts
-from ffclip.export.manifest import MANIFEST
+from ffclip.artifacts import MANIFEST
 from ffclip.factory import build_preset
 
 OPTIONS = ExportOptions(formats=("onnx", "torchscript"), min_batch=1, opt_batch=3, max_batch=8)

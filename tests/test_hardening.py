@@ -17,7 +17,7 @@ from cli_runner import run_cli
 
 from ffclip.atomic import atomic_dir
 from ffclip.errors import InputError
-from ffclip.export.manifest import MANIFEST, ArtifactError, read_manifest
+from ffclip.artifacts import MANIFEST, ArtifactError, read_manifest
 
 
 def one_line_error(code, err, *fragments):

@@ -12,7 +12,7 @@ from export_fixtures import TINY
 from ffclip.checkpoints.bundle import load_module
 from ffclip.engines.base import EngineUnavailable, StageInfo
 from ffclip.export.exporter import ExportOptions, export_artifacts
-from ffclip.export.manifest import MANIFEST, ArtifactError, read_manifest
+from ffclip.artifacts import MANIFEST, ArtifactError, read_manifest
 from ffclip.export.parity import errors
 from ffclip.export.stages import MAPPER_TOLERANCE
 from ffclip.factory import build_preset

@@ -14,7 +14,7 @@ from ffclip.export.parity import errors
 from ffclip.export.stages import MAPPER_TOLERANCE
 from ffclip.imaging import to_uint8
 from ffclip.export.exporter import ExportOptions, export_artifacts
-from ffclip.export.manifest import ArtifactError
+from ffclip.artifacts import ArtifactError
 from ffclip.factory import build_preset
 from ffclip.runtime import Runtime
 

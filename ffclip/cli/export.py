@@ -33,7 +33,7 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
     from ..config import get_preset
     from ..devices import resolve_device
     from ..export.exporter import ExportFailed, ExportOptions, check_replaceable, export_artifacts
-    from ..export.manifest import sha256
+    from ..artifacts import sha256
 
     console = Console(stderr=True)
     options = ExportOptions(

@@ -1,4 +1,5 @@
-"""Options shared by the commands that load the three stages (edit, export, bench)."""
+"""Options shared by the commands that load the three stages (edit, export, train, serve), and the check of --preset
+against the preset an artifact folder was exported from."""
 
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def preset_given() -> bool:
 
 def folder_preset(folder: Path, preset: str, given: bool) -> str:
     """The preset an artifact folder was exported from; a --preset `given` that says otherwise is refused."""
-    from ..export.manifest import read_manifest
+    from ..artifacts import read_manifest
 
     exported = read_manifest(folder, verify=False).get("preset")
     if given and exported != preset:

@@ -47,7 +47,7 @@ def serve(sources: StageSources, artifacts: Path | None, backend: str, device: s
     if artifacts is not None and not sources.is_embedded_default:
         raise InputError("--generator/--mapper/--clip do not apply with --artifacts: the folder holds its own weights")
     if artifacts is not None:
-        from ..export.manifest import read_manifest
+        from ..artifacts import read_manifest
 
         read_manifest(artifacts)
     if address is None:
