@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 
+from ffclip.artifacts import PRECISIONS
 from ffclip.atomic import atomic_file
 from ffclip.errors import summarize
 
 ARCHS: dict[str, int] = {"sm_80": 80, "sm_90": 90}
 # Largest shared memory one block may opt into (CUDA programming guide, compute capabilities table).
 SMEM_LIMIT: dict[int, int] = {80: 166_912, 90: 232_448}
-DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_DTYPES = ("fp16", "bf16")
 
 # Shapes of the 1024 generator (channel multiplier 2) and of the mapper.
@@ -252,7 +252,7 @@ def compile_all(archs: list[str], dtypes: list[str], cases: list[str] | None = N
     """Every launch of every case (or of `cases`), in every configuration, for every architecture and dtype."""
     chosen = {name: CASES[name] for name in cases or CASES}
     work = [(arch, dtype, launch, config)
-            for dtype in dtypes for launch in launches(DTYPES[dtype], chosen)
+            for dtype in dtypes for launch in launches(PRECISIONS[dtype], chosen)
             for arch in archs for config in launch.configs]
     rows = []
     for i, (arch, dtype, launch, config) in enumerate(work):
@@ -276,7 +276,7 @@ def _line(row: Row) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ffclip.kernels.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", action="append", choices=sorted(ARCHS), help="target architecture (repeatable)")
-    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES),
+    parser.add_argument("--dtype", action="append", choices=sorted(PRECISIONS),
                         help=f"element type (repeatable; default {' and '.join(DEFAULT_DTYPES)})")
     parser.add_argument("--case", action="append", choices=sorted(CASES), help="only these cases (repeatable; default all)")
     parser.add_argument("--out", required=True, help="JSON report to write")

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 import torch
 
+from ..artifacts import BACKENDS
 from ..errors import InputError
 from ..outputs import check_output_file
 from .options import StageSources, folder_preset, stage_options
@@ -64,7 +65,7 @@ def _say(message: str) -> None:
 )
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "eager", "torchscript", "onnxruntime", "tensorrt", "triton"]),
+    type=click.Choice(["auto", *BACKENDS]),
     default="auto",
     show_default=True,
     help="Backend for --artifacts.",

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import click
 
+from ..artifacts import PRECISIONS
 from .options import StageSources, stage_options
 
 
 @click.command()
 @stage_options
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
               help="TensorRT build precision (and TorchScript compute precision on CUDA); bf16 where TensorRT allows.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Artifact folder (default artifacts/export/<preset>); replaced atomically, and only when it is an "

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..cli.options import StageSources, stage_options
-from ..engines import BACKENDS
+from ..artifacts import BACKENDS
 from ..errors import FfclipError, InputError, summarize
 from .editor import ServeConfig
 
