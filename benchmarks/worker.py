@@ -116,6 +116,7 @@ def export_folder(job: dict[str, Any], emit: Emit) -> None:
     """Export the preset's stages in `job["formats"]` with the exporter's Python API."""
     from ffclip.config import get_preset
     from ffclip.export.exporter import ExportOptions, export_artifacts
+    from ffclip.factory import default_source
 
     batches = sorted(job["batches"])
     options = ExportOptions(
@@ -126,14 +127,13 @@ def export_folder(job: dict[str, Any], emit: Emit) -> None:
         max_batch=batches[-1],
         device=torch.device(job["device"]),
     )
-    seed = get_preset(job["preset"]).seed
-    origin = {"embedded_default": f"embedded default of preset {job['preset']}, seed {seed}"}
+    preset = get_preset(job["preset"])
     export_artifacts(
         build_modules(job["preset"], torch.device("cpu")),
         Path(job["output"]),
         options,
         preset=job["preset"],
-        sources={name: origin for name in EXPORTED_STAGES},
+        sources={name: default_source(preset, name) for name in EXPORTED_STAGES},
     )
 
 

@@ -46,10 +46,20 @@ def build_text_encoder(config: TextConfig, seed: int = 0, vision: bool = False) 
     return encoder.eval().requires_grad_(False)
 
 
+def stage_seed(preset: Preset, stage: str) -> int:
+    """The seed of the random weights of `stage` ("text_encoder", "mapper" or "generator") in `preset`."""
+    return preset.seed + {"text_encoder": 0, "mapper": 1, "generator": 2}[stage]
+
+
+def default_source(preset: Preset, stage: str) -> dict[str, str]:
+    """How an export's manifest names the source of a stage built from `preset`'s embedded default."""
+    return {"embedded_default": f"embedded default of preset {preset.name}, seed {stage_seed(preset, stage)}"}
+
+
 def build_preset(preset: Preset) -> tuple[TextEncoder, Mapper, Generator]:
     """All three stages of `preset` with seeded random weights."""
     return (
-        build_text_encoder(preset.text, preset.seed),
-        build_mapper(preset.mapper, preset.seed + 1),
-        build_generator(preset.generator, preset.seed + 2),
+        build_text_encoder(preset.text, stage_seed(preset, "text_encoder")),
+        build_mapper(preset.mapper, stage_seed(preset, "mapper")),
+        build_generator(preset.generator, stage_seed(preset, "generator")),
     )

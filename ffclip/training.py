@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .artifacts import check_stages_fit
 from .atomic import atomic_file
 from .checkpoints.bundle import save_module
 from .checkpoints.safe_pickle import load_torch_file
 from .config import MapperConfig, from_dict, to_dict
 from .errors import InputError, summarize
 from .models import Generator, Mapper, TextEncoder
-from .pipeline import check_stages_fit
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import DEFAULT_PRESET, Preset, TextConfig, get_preset
-from ..factory import build_generator, build_mapper, build_text_encoder
+from ..factory import build_generator, build_mapper, build_text_encoder, stage_seed
 from ..errors import CheckpointError, summarize
 from ..models import Encoder4Editing, FaceParser, Generator, IdentityNet, Mapper, TextEncoder
 from . import clip, nvidia, photo, release, rosinality
@@ -65,7 +65,7 @@ def load_generator(
         p = get_preset(preset)
         if p.weights:
             return _bundle(_embedded(p, "generator"), "generator", GENERATOR_FORMATS).to(device)
-        return build_generator(p.generator, p.seed + 2).to(device)
+        return build_generator(p.generator, stage_seed(p, "generator")).to(device)
     kind = sniff(path, GENERATOR_FORMATS)
     if kind.kind == "bundle":
         return _bundle(path, "generator", GENERATOR_FORMATS).to(device)
@@ -103,7 +103,7 @@ def load_mapper(path: str | os.PathLike | None = None, *, preset: str = DEFAULT_
         p = get_preset(preset)
         if p.weights:
             return _bundle(_embedded(p, "mapper"), "mapper", MAPPER_FORMATS).to(device)
-        return build_mapper(p.mapper, p.seed + 1).to(device)
+        return build_mapper(p.mapper, stage_seed(p, "mapper")).to(device)
     kind = sniff(path, MAPPER_FORMATS)
     if kind.kind == "bundle":
         return _bundle(path, "mapper", MAPPER_FORMATS).to(device)
@@ -129,7 +129,7 @@ def load_text_encoder(
     if path is None:
         p = get_preset(preset)
         if not p.weights:
-            return build_text_encoder(p.text, p.seed, vision=vision).to(device)
+            return build_text_encoder(p.text, stage_seed(p, "text_encoder"), vision=vision).to(device)
         path = _embedded(p, "text_encoder")
     kind = sniff(path, TEXT_FORMATS)
     if kind.kind == "bundle":

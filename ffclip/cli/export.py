@@ -32,6 +32,7 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
     from rich.table import Table
 
     from ..config import get_preset
+    from ..factory import default_source
     from ..devices import resolve_device
     from ..export.exporter import ExportFailed, ExportOptions, check_replaceable, export_artifacts
     from ..artifacts import sha256
@@ -48,14 +49,12 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
     )
     out = out or Path("artifacts") / "export" / sources.preset
     check_replaceable(out, force)
-    seed = get_preset(sources.preset).seed
-    # (file, seed of the embedded default) per stage; the seed offsets are those of ffclip.factory.build_preset
-    origin = {"text_encoder": (sources.clip, seed), "mapper": (sources.mapper, seed + 1),
-              "generator": (sources.generator, seed + 2)}
+    preset = get_preset(sources.preset)
+    files = {"text_encoder": sources.clip, "mapper": sources.mapper, "generator": sources.generator}
     described = {
         stage: {"path": str(path), "sha256": sha256(path)} if path is not None
-        else {"embedded_default": f"embedded default of preset {sources.preset}, seed {stage_seed}"}
-        for stage, (path, stage_seed) in origin.items()
+        else default_source(preset, stage)
+        for stage, path in files.items()
     }
     if precision != "fp32":
         console.print(f"note: {precision} applies to the text encoder and generator (the mapper stays fp32) in the eager "

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +14,6 @@ from PIL import Image
 
 from ..cli.options import StageSources
 from ..devices import resolve_device
-from ..imaging import to_uint8
-from ..strength import apply_strength
 from .requests import EditRequest
 
 
@@ -41,7 +37,7 @@ class ServeConfig:
 
 
 class Editor:
-    """The stages of one replica, an embedding cache shared by all its requests, and the batch edit."""
+    """The stages of one replica (their embedding cache is shared by all its requests) and the batch edit."""
 
     def __init__(self, config: ServeConfig):
         if config.threads is not None:
@@ -50,18 +46,15 @@ class Editor:
         if config.artifacts is None:
             from ..pipeline import EditPipeline
 
-            self.stages = EditPipeline(*config.sources.load(device), device=device)
+            self.stages = EditPipeline(*config.sources.load(device), device=device, cache_size=config.cache_size)
             self.source = f"checkpoints ({config.sources.preset} preset for any stage not given)"
-            self.backend = "eager"
         else:
             from ..runtime import Runtime
 
-            self.stages = Runtime.load(config.artifacts, backend=config.backend, device=device)
+            self.stages = Runtime.load(config.artifacts, backend=config.backend, device=device,
+                                       cache_size=config.cache_size)
             self.source = str(config.artifacts)
-            self.backend = self.stages.backend
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._cache_size = config.cache_size
-        self._lock = threading.Lock()
+        self.backend = self.stages.backend
 
     def info(self) -> dict:
         """What is served: source, backend, resolution and number of style layers."""
@@ -69,20 +62,8 @@ class Editor:
                 "num_ws": self.stages.num_ws}
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP embeddings `[P, 512]` on the CPU, computed once per prompt string while it stays in the cache."""
-        with self._lock:
-            found = {p: self._cache[p] for p in prompts if p in self._cache}
-            for p in found:
-                self._cache.move_to_end(p)
-        missing = list(dict.fromkeys(p for p in prompts if p not in found))
-        if missing:
-            fresh = self.stages.encode_text(missing).float().cpu()
-            found.update(zip(missing, fresh))
-            with self._lock:
-                self._cache.update(zip(missing, fresh))
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        return torch.stack([found[p] for p in prompts])
+        """CLIP embeddings `[P, D]` on the CPU, computed once per prompt string while it stays in the cache."""
+        return self.stages.encode_text(prompts).cpu()
 
     def latents(self, requests: list[EditRequest]) -> torch.Tensor:
         """`w+ [B, L, 512]`: each request's own latents, or its seed through the mapping network."""
@@ -93,12 +74,8 @@ class Editor:
 
     def edit(self, requests: list[EditRequest]) -> list[bytes]:
         """One PNG per request, the whole batch through each stage at once."""
-        w = self.latents(requests)
-        e = self.encode([r.prompt for r in requests])
-        strength = torch.tensor([r.strength for r in requests])
-        with torch.no_grad():
-            w_edit = apply_strength(w, self.stages.modulate(w, e), strength)
-            images = to_uint8(self.stages.synthesize(w_edit))
+        images = self.stages.edit(self.latents(requests), [r.prompt for r in requests],
+                                  [r.strength for r in requests])
         return [png(image) for image in images.numpy()]
 
 
