@@ -26,8 +26,8 @@ _UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionB
 
 
 def open_photo(path: str | os.PathLike) -> Image.Image:
-    """The photo at `path` (header only, not decoded); not an image, or smaller than `MIN_PHOTO_SIZE` on a side:
-    `InputError`."""
+    """The photo at `path`, open but not decoded (the caller closes it); not an image, or smaller than
+    `MIN_PHOTO_SIZE` on a side: `InputError`."""
     try:
         image = Image.open(path)
     except _UNREADABLE as exc:
@@ -38,11 +38,17 @@ def open_photo(path: str | os.PathLike) -> Image.Image:
     return image
 
 
+def check_photo(path: str | os.PathLike) -> None:
+    """Raise `InputError` unless `path` is an image at least `MIN_PHOTO_SIZE` pixels on each side."""
+    open_photo(path).close()
+
+
 def read_photo(path: str | os.PathLike, size: int = PHOTO_SIZE) -> torch.Tensor:
     """The photo at `path` upright, RGB, resized to `size` x `size`: float32 `[3, size, size]` in [-1, 1]."""
     try:
-        image = ImageOps.exif_transpose(open_photo(path)).convert("RGB")
-        pixels = np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.float32)
+        with open_photo(path) as image:
+            upright = ImageOps.exif_transpose(image).convert("RGB")
+        pixels = np.asarray(upright.resize((size, size), Image.BILINEAR), dtype=np.float32)
     except _UNREADABLE as exc:
         raise InputError(f"{path}: the image cannot be decoded ({summarize(exc)}); give an undamaged PNG or JPEG "
                          "photo") from None
@@ -50,12 +56,12 @@ def read_photo(path: str | os.PathLike, size: int = PHOTO_SIZE) -> torch.Tensor:
 
 
 def list_photos(folder: str | os.PathLike) -> list[Path]:
-    """The photos in `folder` (by suffix, not in subfolders), sorted by name; each checked with `open_photo`."""
+    """The photos in `folder` (by suffix, not in subfolders), sorted by name; each checked with `check_photo`."""
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
     if not paths:
         raise InputError(f"{folder}: no photos found (files ending in {', '.join(PHOTO_SUFFIXES)})")
     for path in paths:
-        open_photo(path)
+        check_photo(path)
     return paths
 
 

@@ -28,6 +28,7 @@ from ..models.encoder import EncoderConfig, Encoder4Editing, STYLE_DIM
 from ..models.face_parser import FaceParser, FaceParserConfig
 from ..models.identity import IdentityConfig, IdentityNet
 from ..models.irse import STAGE_UNITS
+from ..errors import CheckpointError
 from .detect import build_checked, checkpoint_error, describe, read_torch_file, sniff
 from .rosinality import build_generator, convert_state_dict
 
@@ -74,7 +75,7 @@ def is_e4e(obj: object) -> bool:
     return any(k.startswith(ENCODER_PREFIX + "styles.") for k in obj["state_dict"])
 
 
-def _wrong(path: str | os.PathLike, obj: object, accepted: str) -> Exception:
+def _wrong(path: str | os.PathLike, obj: object, accepted: str) -> CheckpointError:
     return checkpoint_error(path, f"a torch.save file {describe(obj)}", accepted)
 
 

@@ -100,10 +100,10 @@ def edit(
     dev = resolve_device(device)
     if images:
         from ..checkpoints import load_encoder
-        from ..photos import open_photo, photo_latents
+        from ..photos import check_photo, photo_latents
 
         for image in images:
-            open_photo(image)
+            check_photo(image)
         photo_encoder = load_encoder(encoder, device=dev)
     stages = _open_stages(sources, dev, artifacts, backend)
     photos = None

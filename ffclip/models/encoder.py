@@ -75,7 +75,8 @@ class Encoder4Editing(nn.Module):
     def forward(self, photos: torch.Tensor) -> torch.Tensor:
         size = photos.shape[-1]
         if photos.dim() != 4 or photos.shape[1] != 3 or photos.shape[-2] != size or size < 16 or size & (size - 1):
-            raise ValueError(f"photos of shape {list(photos.shape)}; expected [B, 3, 256, 256]")
+            raise ValueError(f"photos of shape {list(photos.shape)}; expected [B, 3, S, S] with S a power of two, "
+                             "at least 16 (256 for the released encoder)")
         x = self.input_layer(photos)
         taps = {}
         for i, unit in enumerate(self.body):
