@@ -97,6 +97,7 @@ def test_e4e_file_gives_encoder_and_generator(tmp_path, e4e64):
         (lambda c: c.pop("latent_avg"), "without the average latent"),
         (lambda c: c.update(latent_avg=torch.zeros(3, 7)), r"latent_avg has shape \[3, 7\]"),
         (lambda c: c["opts"].update(stylegan_size=1024), "with 1 style heads whose opts give stylegan_size 1024"),
+        (lambda c: c["opts"].update(encoder_type="GradualStyleEncoder"), "opts name the encoder 'GradualStyleEncoder'"),
         (lambda c: c["state_dict"].pop("encoder.latlayer2.bias"), r"missing \['latlayer2.bias'\]"),
         (lambda c: c["state_dict"].update({"encoder.body.3.res_layer.1.weight": torch.zeros(128, 64, 1, 1)}),
          r"mismatched shapes: body.3.res_layer.1.weight is \[128, 64, 1, 1\]"),
@@ -107,7 +108,8 @@ def test_e4e_refusals(e4e64, change, message):
     change(ckpt)
     with pytest.raises(CheckpointError, match=message) as info:
         encoder_from_checkpoint(ckpt, "e4e.pt")
-    assert str(info.value).startswith("e4e.pt: found an e4e checkpoint") and "\n" not in str(info.value)
+    assert str(info.value).startswith("e4e.pt: found a") and "\n" not in str(info.value)
+    assert str(info.value).endswith("'latent_avg', 'opts')")
 
 
 def test_e4e_without_decoder_has_no_generator(e4e64):

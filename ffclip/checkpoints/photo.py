@@ -4,8 +4,9 @@ Each is read from the file people hold, through the restricted unpickler, with i
 tensors and checked before anything is allocated:
 
 - e4e (`e4e_ffhq_encode.pt`): pSp's `{'state_dict': {'encoder.*', 'decoder.*'}, 'latent_avg', 'opts'}`; `opts` is
-  e4e's options as a dict, `latent_avg` the generator's average latent, `[512]` or repeated to `[n_styles, 512]`.
-  The decoder is a rosinality generator and may be absent.
+  e4e's options as a dict (its `encoder_type` and `stylegan_size` are checked when present), `latent_avg` the
+  generator's average latent, `[512]` or repeated to `[n_styles, 512]`. The decoder is a rosinality generator and
+  may be absent.
 - ArcFace IR-SE50 (`model_ir_se50.pth`): a plain state dict of `Backbone(112, 50, 'ir_se')`.
 - The face-parsing UNet of FFCLIP's background loss: a plain state dict of its `unet()`.
 
@@ -87,7 +88,12 @@ def encoder_from_checkpoint(obj: object, path: str | os.PathLike) -> Encoder4Edi
     state = {k[len(ENCODER_PREFIX):]: v for k, v in obj["state_dict"].items() if k.startswith(ENCODER_PREFIX)}
     n_styles = max(_indices(state, r"styles\.(\d+)\."), default=-1) + 1
     opts = obj.get("opts")
-    size = opts.get("stylegan_size") if isinstance(opts, Mapping) else None
+    opts = opts if isinstance(opts, Mapping) else {}
+    if opts.get("encoder_type", "Encoder4Editing") != "Encoder4Editing":
+        # pSp's GradualStyleEncoder stores the same tensors but computes each style input on its own.
+        raise checkpoint_error(path, f"a pSp checkpoint whose opts name the encoder {opts['encoder_type']!r}, not "
+                               "Encoder4Editing", ENCODER_FORMATS)
+    size = opts.get("stylegan_size")
     if isinstance(size, int) and size > 4 and 2 * int(math.log2(size)) - 2 != n_styles:
         raise checkpoint_error(
             path, f"{found} with {n_styles} style heads whose opts give stylegan_size {size} "
