@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -59,6 +59,18 @@ def with_batch_counts(state: Mapping[str, Any]) -> dict[str, Any]:
         if key.endswith(".running_mean"):
             out.setdefault(key.removesuffix("running_mean") + "num_batches_tracked", torch.zeros((), dtype=torch.long))
     return out
+
+
+def uninitialised(module: Callable[[Any], torch.nn.Module]) -> Callable[[Any], torch.nn.Module]:
+    """`module` built with its tensors allocated but not initialised (the loaders fill every one of them strictly):
+    random initialisation of the e4e encoder's 270 M parameters would take longer than reading them."""
+
+    def make(config: Any) -> torch.nn.Module:
+        with torch.device("meta"):
+            net = module(config)
+        return net.to_empty(device="cpu")
+
+    return make
 
 
 def _indices(state: Mapping[str, Any], pattern: str) -> set[int]:
@@ -111,7 +123,7 @@ def encoder_from_checkpoint(obj: object, path: str | os.PathLike) -> Encoder4Edi
             f"[{n_styles}, {STYLE_DIM}] is needed", ENCODER_FORMATS,
         )
     state["latent_avg"] = latent_avg.reshape(-1, STYLE_DIM).expand(n_styles, STYLE_DIM)
-    return build_checked(EncoderConfig(n_styles), Encoder4Editing, with_batch_counts(state), path, found, ENCODER_FORMATS)
+    return build_checked(EncoderConfig(n_styles), uninitialised(Encoder4Editing), with_batch_counts(state), path, found, ENCODER_FORMATS)
 
 
 def generator_from_e4e(obj: Mapping, path: str | os.PathLike, accepted: str) -> Generator:
@@ -141,7 +153,7 @@ def identity_from_state(obj: object, path: str | os.PathLike) -> IdentityNet:
             path, f"{found} with {units} residual units ({', '.join(f'{n} for IR-SE {d}' for n, d in depths.items())})",
             IDENTITY_FORMATS,
         )
-    return build_checked(IdentityConfig(depths[units]), IdentityNet, with_batch_counts(obj), path, found, IDENTITY_FORMATS)
+    return build_checked(IdentityConfig(depths[units]), uninitialised(IdentityNet), with_batch_counts(obj), path, found, IDENTITY_FORMATS)
 
 
 def parser_from_state(obj: object, path: str | os.PathLike) -> FaceParser:
@@ -153,4 +165,4 @@ def parser_from_state(obj: object, path: str | os.PathLike) -> FaceParser:
     if first.dim() != 4 or final.dim() != 4:
         raise checkpoint_error(path, f"{found} whose first or last conv weight is not 4-D", PARSER_FORMATS)
     config = FaceParserConfig(width=int(first.shape[0]), n_classes=int(final.shape[0]))
-    return build_checked(config, FaceParser, with_batch_counts(obj), path, found, PARSER_FORMATS)
+    return build_checked(config, uninitialised(FaceParser), with_batch_counts(obj), path, found, PARSER_FORMATS)
