@@ -1,7 +1,8 @@
 """The interface every backend implements: one exported stage, run on named torch tensors.
 
-An engine is built from an artifact folder, the manifest's entry for one stage and a device. It takes a dict of
-named input tensors (any device; the engine moves them) and returns a dict of named output tensors on its device.
+An engine is built from an artifact folder (or, for the eager backend, an in-memory module), the manifest's entry for
+one stage (`ffclip.artifacts.StageInfo`) and a device. It takes a dict of named input tensors (any device; the engine
+moves them) and returns a dict of named output tensors on its device.
 Engines never split batches or validate values; `ffclip.runtime.Runtime` does that once for every backend.
 """
 
