@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
+from ..errors import CheckpointError
 from ..models import Generator
-from ..models.encoder import EncoderConfig, Encoder4Editing, STYLE_DIM
+from ..models.encoder import STYLE_DIM, Encoder4Editing, EncoderConfig
 from ..models.face_parser import FaceParser, FaceParserConfig
 from ..models.identity import IdentityConfig, IdentityNet
 from ..models.irse import STAGE_UNITS
-from ..errors import CheckpointError
 from .detect import build_checked, checkpoint_error, describe, read_torch_file, sniff
 from .rosinality import build_generator, convert_state_dict
 
