@@ -95,7 +95,7 @@ def test_captions_split_templates_and_mention_the_value():
 
 
 def test_scene_code_of_z_is_uniform_and_scale_free():
-    from ffclip.world.generator_training import mix, scene_from_z
+    from ffclip.world.generator_training import scene_from_z
 
     z = torch.randn(4000, 16, generator=torch.Generator().manual_seed(0))
     scenes = scene_from_z(z)
@@ -103,9 +103,29 @@ def test_scene_code_of_z_is_uniform_and_scale_free():
     for attribute in ATTRIBUTES:
         counts = [sum(getattr(s, attribute) == v for s in scenes) for v in values(attribute)]
         assert min(counts) > 0.8 * len(scenes) / len(counts)
-    a, b = scenes[0], scenes[1]
-    m = mix(a, b)
-    assert (m.shape, m.size, m.dx, m.color, m.background) == (a.shape, a.size, a.dx, b.color, b.background)
+
+
+def test_latent_layout_draws_codes_and_a_push_switches_one_attribute_gradually():
+    from ffclip.world.generator_training import block_size, picture_of, scene_code, slot
+
+    scenes = sample_scenes(8, seed=2)
+    code = scene_code(scenes, 128)
+    assert (picture_of(code) - render(scenes)).abs().max() < 0.01
+    k = block_size(128)
+    for attribute in ATTRIBUTES:
+        targets = [next(v for v in values(attribute) if v != getattr(s, attribute)) for s in scenes]
+        push = torch.zeros_like(code)
+        for row, value in enumerate(targets):
+            push[row, slot(attribute, value) * k:(slot(attribute, value) + 1) * k] = 1.0
+        full = picture_of(code + 2 * push)
+        assert [j.scene.attributes for j in judge(full)] == [s.replace(**{attribute: v}).attributes
+                                                             for s, v in zip(scenes, targets)]
+        # half way (equal levels) the picture is a blend, far from both ends
+        halfway = picture_of(code + push)
+        for end in (render(scenes), full):
+            assert ((halfway - end).abs().mean(dim=(1, 2, 3)) > 0.005).all()
+    with pytest.raises(ValueError, match="style_dim"):
+        scene_code(scenes, 8)
 
 
 def _tiny_configs():
@@ -134,7 +154,7 @@ def test_tiny_generator_training_runs_every_phase_and_resumes(tmp_path):
     second = train_generator(config, longer, tmp_path)
     for phase, steps in (("synthesis", 3), ("mapping", 3), ("joint", 2)):
         assert torch.load(tmp_path / phase / "state.pt", weights_only=False)["step"] == steps
-    assert not torch.equal(first.synthesis_network.const, second.synthesis_network.const)
+    assert not torch.equal(first.mapping_network.layers[0].weight, second.mapping_network.layers[0].weight)
     assert torch.isfinite(second.w_avg).all()
     assert second.synthesis(second.mapping(torch.randn(2, 16))).shape == (2, 3, 64, 64)
 

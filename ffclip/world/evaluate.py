@@ -7,14 +7,25 @@ eager `EditPipeline` and the exported `Runtime` alike, so every backend is judge
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from .captions import SPLITS, edit_prompt
 from .judge import judge
 from .scenes import ATTRIBUTES, values
+
+
+class Editor(Protocol):
+    """What the judge needs of an editor: `EditPipeline` and `Runtime` both are one."""
+
+    def sample_latents(self, num: int, seed: int = 0, truncation: float = 1.0) -> torch.Tensor: ...
+
+    def synthesize(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def edit(self, latents: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -46,7 +57,7 @@ class WorldScores:
         return "\n".join(lines)
 
 
-def evaluate(editor, num: int = 128, seed: int = 0, truncation: float = 1.0,
+def evaluate(editor: Editor, num: int = 128, seed: int = 0, truncation: float = 1.0,
              splits: tuple[str, ...] = SPLITS, on_progress: Callable[[str], None] | None = None) -> WorldScores:
     """Judge `num` seeded originals, then edit every valid one once per attribute and split, towards a value it
     does not have, in a phrasing drawn from that split."""
@@ -83,7 +94,12 @@ def evaluate(editor, num: int = 128, seed: int = 0, truncation: float = 1.0,
     return scores
 
 
-def _originals(editor, latents: torch.Tensor) -> torch.Tensor:
+def edit_accuracy(editor: Editor, num: int = 128, seed: int = 0, split: str = "held-out") -> float:
+    """Mean edit accuracy over the four attributes, in [0, 1], on `split` phrasings (the bench's column)."""
+    return evaluate(editor, num=num, seed=seed, splits=(split,)).mean_accuracy(split)
+
+
+def _originals(editor: Editor, latents: torch.Tensor) -> torch.Tensor:
     from ..imaging import to_uint8
 
     return to_uint8(torch.as_tensor(editor.synthesize(latents)))

@@ -1,18 +1,20 @@
-"""Stage 1: the world generator, trained supervised in three phases.
+"""Stage 1: the world generator, trained supervised on a latent layout that FFCLIP's mapper can edit.
 
-A fixed map reads a scene out of the Gaussian `z`: one entry per attribute, cut into equally likely bins, and a
-squashed pair for the centre offset. Decoding it and drawing at once learns slowly, so the work is split:
+Each mapper block ends in a leaky ReLU (DESIGN §4), so the edit the mapper adds to `w+` is close to non-negative in
+every channel. The layout is chosen for that: the channels of `w` are cut into one block per attribute value (a
+"slot") and two blocks for the centre offset. A scene's code holds 1 on the slot of each of its values, 0 on the
+other slots and the offset (in units of the jitter) on the offset blocks. Every `w` stands for a picture
+(`picture_of`): per attribute, the values are weighted by a softmax of their slots' mean levels and the picture blends
+them by those weights. Raising one slot above the others switches that attribute alone, gradually: an edit is a
+non-negative push that depends on the words only, and the CLIP loss has a gradient all along the way.
 
-1. synthesis: the synthesis network learns to draw scenes from a learned scene code (one vector per attribute value,
-   summed, plus the offset along two vectors), against the exact rendering;
-2. mapping: the mapping network learns to regress `z` onto the code of the scene `z` stands for (cheap steps);
-3. joint: mapping and synthesis are tuned together from `z` to pixels; half the codes are moved part of the way (less
-   than half) towards the code of a scene that differs in one attribute, and must still draw their own scene, so
-   that the way from one scene to its one-attribute edit stays on valid pictures.
+A fixed map reads a scene out of the Gaussian `z` (`scene_from_z`). Training runs in three phases:
 
-In phases 1 and 3 half the batches mix two codes across the layers (geometry from the coarse layers, colours from
-the fine ones) and a quarter of the codes are truncated towards the mean, so that edited and truncated `w+` still
-draw valid scenes.
+1. synthesis: the synthesis network learns `w -> picture_of(w)` on scene codes with a push on one random slot (from
+   nothing to well past the switch), small pushes on all slots and noise;
+2. mapping: the mapping network regresses `z` onto the code of the scene `z` stands for;
+3. joint: the mapping network is tuned from `z` to pixels through the frozen synthesis network, so that sampled latents
+   draw their scenes crisply although their code is a step function of `z`.
 """
 
 from __future__ import annotations
@@ -21,19 +23,19 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..config import GeneratorConfig
 from ..factory import build_generator
 from ..models import Generator, ops
-from .scenes import ATTRIBUTES, Scene, max_offset, render, values
+from .scenes import ATTRIBUTES, Scene, max_offset, render, render_blend, values
 from .stage import ResumableLoop, log
 
-GEOMETRY = ("shape", "size")  # with the centre offset: read from the coarse layers when codes are mixed
+SHARPNESS = 8.0  # softmax gain on slot levels: a clean code (levels 1 and 0) draws its values at 99.8 % or more
 
 
 def scene_from_z(z: torch.Tensor) -> list[Scene]:
@@ -48,57 +50,91 @@ def scene_from_z(z: torch.Tensor) -> list[Scene]:
     return [Scene(*attrs, dx=dx, dy=dy) for *attrs, (dx, dy) in zip(*names, offset)]
 
 
-def mix(coarse: Scene, fine: Scene) -> Scene:
-    """The scene of a mixed code: geometry and position from the coarse layers' code, colours from the fine ones'."""
-    return fine.replace(**{a: getattr(coarse, a) for a in GEOMETRY}, dx=coarse.dx, dy=coarse.dy)
+@lru_cache(maxsize=1)
+def slots() -> tuple[tuple[str, str], ...]:
+    """Every (attribute, value), in the order of their blocks in `w`; the two offset blocks follow."""
+    return tuple((a, v) for a in ATTRIBUTES for v in values(a))
 
 
-class SceneCode(nn.Module):
-    """A learned `w` per scene: the sum of one vector per attribute value, plus the offset along two vectors."""
+def block_size(dim: int) -> int:
+    """Channels per block in a `w` of `dim` channels (the channels left over stay 0)."""
+    groups = len(slots()) + 2
+    if dim < groups:
+        raise ValueError(f"the world's latent layout needs style_dim >= {groups}, got {dim}")
+    return dim // groups
 
-    def __init__(self, dim: int):
-        super().__init__()
-        self.tables = nn.ParameterDict({a: nn.Parameter(torch.randn(len(values(a)), dim)) for a in ATTRIBUTES})
-        self.offset = nn.Parameter(torch.randn(2, dim))
 
-    def forward(self, scenes: list[Scene]) -> torch.Tensor:
-        out = sum(self.tables[a][torch.tensor([values(a).index(getattr(s, a)) for s in scenes])] for a in ATTRIBUTES)
-        offsets = torch.tensor([[s.dx, s.dy] for s in scenes]) / max_offset()
-        return out + offsets @ self.offset
+def slot(attribute: str, value: str) -> int:
+    """Index of the block of `attribute = value`."""
+    return slots().index((attribute, value))
 
-    def mean(self) -> torch.Tensor:
-        return sum(t.mean(0) for t in self.tables.values())
+
+def _spread(levels: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-block levels `[B, blocks]` -> `w [B, dim]`, each level repeated over its block's channels."""
+    w = levels.repeat_interleave(block_size(dim), dim=1)
+    return F.pad(w, (0, dim - w.shape[1]))
+
+
+def levels_of(w: torch.Tensor) -> torch.Tensor:
+    """`w [B, dim]` -> the mean level of every block `[B, slots + 2]`."""
+    blocks = len(slots()) + 2
+    k = block_size(w.shape[-1])
+    return w[:, : k * blocks].reshape(w.shape[0], blocks, k).mean(dim=-1)
+
+
+def scene_code(scenes: list[Scene], dim: int) -> torch.Tensor:
+    """The code `[B, dim]` of each scene: 1 on its values' slots, its offset over the jitter on the offset blocks."""
+    levels = torch.zeros(len(scenes), len(slots()) + 2)
+    for i, scene in enumerate(scenes):
+        for attribute in ATTRIBUTES:
+            levels[i, slot(attribute, getattr(scene, attribute))] = 1.0
+        levels[i, -2:] = torch.tensor([scene.dx, scene.dy]) / max_offset()
+    return _spread(levels, dim)
+
+
+def picture_of(w: torch.Tensor) -> torch.Tensor:
+    """The picture `[B, 3, R, R]` that `w [B, dim]` stands for: values blended by the softmax of their slot levels."""
+    levels = levels_of(w.detach().float())
+    weights, start = {}, 0
+    for attribute in ATTRIBUTES:
+        n = len(values(attribute))
+        weights[attribute] = torch.softmax(SHARPNESS * levels[:, start:start + n], dim=1)
+        start += n
+    dx, dy = (max_offset() * levels[:, -2:].clamp(-1, 1)).unbind(1)
+    return render_blend(weights, dx, dy)
 
 
 @dataclass(frozen=True)
 class GeneratorTraining:
-    synthesis_steps: int = 2500
+    synthesis_steps: int = 2000
     mapping_steps: int = 8000
-    joint_steps: int = 2400
+    joint_steps: int = 600
     batch_size: int = 16
     mapping_batch_size: int = 256
     lr: float = 3e-3
     mapping_lr: float = 6e-2
-    mix_probability: float = 0.5
-    truncated_fraction: float = 0.25
-    min_truncation: float = 0.6
-    split_layer: int = 4  # layers [0, split) are the coarse ones
-    stepped_fraction: float = 0.5
-    max_step_towards: float = 0.45
+    joint_lr: float = 1e-3
+    pushed_fraction: float = 0.6
+    max_push: float = 3.0
+    spill_fraction: float = 0.3
+    max_spill: float = 0.4
+    noise: float = 0.1
     save_every: int = 100
     seed: int = 0
 
 
-def _w_plus(w1: torch.Tensor, w2: torch.Tensor, mixed: torch.Tensor, split: int, layers: int) -> torch.Tensor:
-    fine = torch.where(mixed[:, None], w2, w1)
-    return torch.cat([w1[:, None].expand(-1, split, -1), fine[:, None].expand(-1, layers - split, -1)], dim=1)
-
-
-def _truncate(w: torch.Tensor, mean: torch.Tensor, t: GeneratorTraining, gen: torch.Generator) -> torch.Tensor:
-    psi = torch.ones(w.shape[0], 1)
-    cut = torch.rand(w.shape[0], generator=gen) < t.truncated_fraction
-    psi[cut] = t.min_truncation + (1 - t.min_truncation) * torch.rand(int(cut.sum()), 1, generator=gen)
-    return mean + psi * (w - mean)
+def training_codes(scenes: list[Scene], dim: int, t: GeneratorTraining, gen: torch.Generator) -> torch.Tensor:
+    """Codes of `scenes` as an edit may leave them: a push on one random slot for `pushed_fraction` of them, small
+    pushes on every slot for `spill_fraction`, and Gaussian noise on every channel."""
+    b, blocks = len(scenes), len(slots()) + 2
+    push = torch.zeros(b, blocks)
+    pushed = (torch.rand(b, generator=gen) < t.pushed_fraction).float()
+    chosen = torch.randint(0, len(slots()), (b,), generator=gen)
+    push[torch.arange(b), chosen] = pushed * t.max_push * torch.rand(b, generator=gen)
+    spilled = (torch.rand(b, 1, generator=gen) < t.spill_fraction).float()
+    push[:, : len(slots())] += spilled * t.max_spill * torch.rand(b, len(slots()), generator=gen)
+    code = scene_code(scenes, dim) + _spread(push, dim)
+    return code + t.noise * torch.randn(b, dim, generator=gen)
 
 
 def _image_loss(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -109,18 +145,17 @@ def train_generator(config: GeneratorConfig, t: GeneratorTraining, folder: str |
     """Train (or resume) the world generator in `folder`; returns it with `w_avg` estimated, in eval mode."""
     folder = Path(folder)
     generator = build_generator(config, t.seed).train().requires_grad_(True)
-    code = SceneCode(config.style_dim)
     b, d, layers = t.batch_size, config.style_dim, config.num_ws
+    block_size(d)
 
-    def phase(name: str, steps: int, params, lr: float, step_fn) -> None:
+    def phase(name: str, steps: int, params: list[torch.nn.Parameter], lr: float, step_fn) -> None:
         optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99))
 
         def state() -> dict:
-            return {"generator": generator.state_dict(), "code": code.state_dict(), "optimizer": optimizer.state_dict()}
+            return {"generator": generator.state_dict(), "optimizer": optimizer.state_dict()}
 
         def restore(saved: dict) -> None:
             generator.load_state_dict(saved["generator"])
-            code.load_state_dict(saved["code"])
             optimizer.load_state_dict(saved["optimizer"])
 
         rng, gen = random.Random(t.seed), torch.Generator().manual_seed(t.seed)
@@ -137,41 +172,29 @@ def train_generator(config: GeneratorConfig, t: GeneratorTraining, folder: str |
 
         loop.run(step)
 
+    def draw(w: torch.Tensor) -> torch.Tensor:
+        return generator.synthesis(w[:, None].expand(-1, layers, -1))
+
     def synthesis_step(gen: torch.Generator) -> torch.Tensor:
-        z1, z2 = torch.randn(b, d, generator=gen), torch.randn(b, d, generator=gen)
-        s1, s2 = scene_from_z(z1), scene_from_z(z2)
-        mean = code.mean()
-        w1, w2 = (_truncate(code(s), mean, t, gen) for s in (s1, s2))
-        mixed = torch.rand(b, generator=gen) < t.mix_probability
-        targets = render([mix(a, c) if m else a for a, c, m in zip(s1, s2, mixed.tolist())])
-        return _image_loss(generator.synthesis(_w_plus(w1, w2, mixed, t.split_layer, layers)), targets)
+        codes = training_codes(scene_from_z(torch.randn(b, d, generator=gen)), d, t, gen)
+        return _image_loss(draw(codes), picture_of(codes))
 
     def mapping_step(gen: torch.Generator) -> torch.Tensor:
         z = torch.randn(t.mapping_batch_size, d, generator=gen)
-        with torch.no_grad():
-            target = code(scene_from_z(z))
-        return F.mse_loss(generator.mapping_network(z), target)
+        return F.mse_loss(generator.mapping_network(z), scene_code(scene_from_z(z), d))
 
     def joint_step(gen: torch.Generator) -> torch.Tensor:
-        z = torch.randn(2 * b, d, generator=gen)
+        z = torch.randn(b, d, generator=gen)
         scenes = scene_from_z(z)
-        # part of the way towards a code whose entry for one attribute was drawn again: still the first scene
-        other = z.clone()
-        rows = torch.arange(2 * b)
-        other[rows, torch.randint(0, len(ATTRIBUTES), (2 * b,), generator=gen)] = torch.randn(2 * b, generator=gen)
-        w, w_other = generator.mapping_network(torch.cat([z, other])).chunk(2)
-        step = t.max_step_towards * torch.rand(2 * b, 1, generator=gen)
-        step[torch.rand(2 * b, generator=gen) >= t.stepped_fraction] = 0
-        w = w + step * (w_other - w)
-        w = _truncate(w, w.detach().mean(0), t, gen)
-        mixed = torch.rand(b, generator=gen) < t.mix_probability
-        targets = render([mix(a, c) if m else a for a, c, m in zip(scenes[:b], scenes[b:], mixed.tolist())])
-        return _image_loss(generator.synthesis(_w_plus(w[:b], w[b:], mixed, t.split_layer, layers)), targets)
+        w = generator.mapping_network(z)
+        return _image_loss(draw(w), render(scenes)) + F.mse_loss(w, scene_code(scenes, d))
 
-    synthesis_params = list(generator.synthesis_network.parameters()) + list(code.parameters())
-    phase("synthesis", t.synthesis_steps, synthesis_params, t.lr, synthesis_step)
-    phase("mapping", t.mapping_steps, generator.mapping_network.parameters(), t.mapping_lr, mapping_step)
-    phase("joint", t.joint_steps, generator.parameters(), t.lr / 3, joint_step)
+    synthesis = list(generator.synthesis_network.parameters())
+    mapping = list(generator.mapping_network.parameters())
+    phase("synthesis", t.synthesis_steps, synthesis, t.lr, synthesis_step)
+    phase("mapping", t.mapping_steps, mapping, t.mapping_lr, mapping_step)
+    generator.synthesis_network.requires_grad_(False)
+    phase("joint", t.joint_steps, mapping, t.joint_lr, joint_step)
     generator.eval().requires_grad_(False)
     generator.estimate_w_avg(seed=t.seed)
     log("[generator] done")

@@ -104,19 +104,34 @@ def _palette(attribute: str) -> torch.Tensor:
     return torch.tensor([spec()[attribute][v] for v in values(attribute)], dtype=torch.float32)
 
 
+def render_blend(weights: dict[str, torch.Tensor], dx: torch.Tensor, dy: torch.Tensor, supersample: int = 4) -> torch.Tensor:
+    """Pictures whose attributes are blends of their values: `weights[a] [B, len(values(a))]` (rows summing to 1)
+    mix the colours, and the outlines by the weights of shape and size together; `dx, dy [B]` are the centre offsets.
+    float32 `[B, 3, R, R]` in [-1, 1]; one-hot weights draw the scenes exactly."""
+    r = resolution()
+    cx, cy = 0.5 + dx.float(), 0.5 + dy.float()
+    cov = torch.zeros(dx.shape[0], r, r)
+    for i in range(len(values("shape"))):
+        for j, size in enumerate(values("size")):
+            weight = weights["shape"][:, i] * weights["size"][:, j]
+            rows = (weight > 0).nonzero().flatten()
+            if len(rows):
+                shapes, sides = torch.full((len(rows),), i), torch.full((len(rows),), float(spec()["size"][size]))
+                drawn = coverage(shapes, sides, cx[rows], cy[rows], r, supersample)
+                cov = cov.index_add(0, rows, weight[rows, None, None] * drawn)
+    fg = (weights["color"] @ _palette("color"))[:, :, None, None]
+    bg = (weights["background"] @ _palette("background"))[:, :, None, None]
+    return (bg + (fg - bg) * cov[:, None]) / 127.5 - 1
+
+
 def render(scenes: list[Scene], supersample: int = 4) -> torch.Tensor:
     """Pictures of `scenes`: float32 `[B, 3, R, R]` in [-1, 1] (sRGB 0-255 mapped linearly), antialiased edges."""
     if not scenes:
         raise ValueError("no scenes to render")
-    r = resolution()
-    idx = lambda a: torch.tensor([values(a).index(getattr(sc, a)) for sc in scenes])  # noqa: E731
-    sides = torch.tensor([spec()["size"][sc.size] for sc in scenes], dtype=torch.float32)
-    cx = torch.tensor([0.5 + sc.dx for sc in scenes], dtype=torch.float32)
-    cy = torch.tensor([0.5 + sc.dy for sc in scenes], dtype=torch.float32)
-    cov = coverage(idx("shape"), sides, cx, cy, r, supersample)[:, None]
-    fg = _palette("color")[idx("color")][:, :, None, None]
-    bg = _palette("background")[idx("background")][:, :, None, None]
-    return (bg + (fg - bg) * cov) / 127.5 - 1
+    weights = {a: torch.nn.functional.one_hot(torch.tensor([values(a).index(getattr(sc, a)) for sc in scenes]),
+                                              len(values(a))).float() for a in ATTRIBUTES}
+    dx, dy = torch.tensor([[sc.dx, sc.dy] for sc in scenes], dtype=torch.float32).unbind(1)
+    return render_blend(weights, dx, dy, supersample)
 
 
 def render_uint8(scenes: list[Scene]) -> torch.Tensor:
