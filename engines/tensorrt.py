@@ -37,13 +37,11 @@ def import_tensorrt() -> ModuleType:
 
 
 def import_cudart() -> ModuleType:
-    """cuda-python's runtime bindings (`cuda.bindings.runtime`, or `cuda.cudart` in releases before 12.6)."""
-    for name in ("cuda.bindings.runtime", "cuda.cudart"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    raise EngineUnavailable("cuda-python is not installed; install the extra: pip install 'ffclip[tensorrt]'")
+    """cuda-python's runtime bindings, `cuda.bindings.runtime` (the extra pins cuda-python 13)."""
+    try:
+        return importlib.import_module("cuda.bindings.runtime")
+    except ImportError:
+        raise EngineUnavailable("cuda-python is not installed; install the extra: pip install 'ffclip[tensorrt]'") from None
 
 
 def tensorrt_reason(device: torch.device) -> str | None:
