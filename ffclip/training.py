@@ -1,8 +1,12 @@
 """Training a mapper with FFCLIP's recipe (DESIGN §4): generator and CLIP frozen, only the mapper learns.
 
 Losses: CLIP cosine distance between the edited image and its prompt; L1 between `w'` and `w`; L1 between the CLIP
-image embeddings of the original and the edited image. FFCLIP's identity (ArcFace) and background (face parser)
-losses need networks this project does not ship; they are not part of this loop.
+image embeddings of the original and the edited image; and, when their networks are given, FFCLIP's identity loss
+(ArcFace) and background loss (face parser) from `ffclip.photo_losses`. Weights and optimiser follow the released
+configuration. Under `torchrun` each process takes its share of every batch and DDP averages the gradients, so a run
+on N processes follows the single-process run of the same global batch.
+
+`python -m ffclip.training` is `ffclip-train`, the form `torchrun -m` needs.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from .artifacts import check_stages_fit
 from .atomic import atomic_file
@@ -24,26 +30,30 @@ from .checkpoints.safe_pickle import load_torch_file
 from .config import MapperConfig, from_dict, to_dict
 from .errors import InputError, summarize
 from .models import Generator, Mapper, TextEncoder
+from .photo_losses import background_loss, identity_loss
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-DEFAULT_PROMPTS = (
-    "blond hair", "black hair", "red hair", "grey hair", "purple hair", "curly hair", "straight hair",
-    "afro hairstyle", "bob cut", "bangs", "a bald head", "a mohawk", "long hair", "short hair",
-    "a child", "a teenager", "an old person", "a young adult",
-    "a happy face", "a sad face", "an angry face", "a surprised face", "a smiling face", "a calm face",
-    "heavy makeup", "red lipstick", "eye shadow", "pale skin", "tanned skin",
-    "wearing glasses", "wearing sunglasses", "a beard", "a moustache", "a goatee",
-)
-
-
+PROMPT_SETS = ("faces", "released")
+EMBEDDING_RESIZES = ("bicubic", "antialiased")
 TRAIN_STATE_FORMAT = "ffclip-train-state-2"
+
+
+def prompt_set(name: str) -> tuple[str, ...]:
+    """A packaged prompt list: "faces" (the built-in face edits) or "released" (FFCLIP's training descriptions, a
+    repeated line weighting the draw as the released list does)."""
+    if name not in PROMPT_SETS:
+        raise InputError(f"unknown prompt set {name!r}; choose one of {', '.join(PROMPT_SETS)}")
+    text = (Path(__file__).resolve().parent / "prompt_sets" / f"{name}.txt").read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters; defaults follow FFCLIP's recipe where it states them (Adam 5e-4, batch 8, clip 5)."""
+    """Hyper-parameters; defaults follow FFCLIP's released configuration. `batch_size` is the global batch, split
+    over the processes of a distributed run. The identity and background weights apply when their networks are given.
+    `val_every` > 0 validates on held-out latents that often and keeps the best mapper."""
 
     steps: int = 1000
     batch_size: int = 8
@@ -52,21 +62,30 @@ class TrainConfig:
     decay_at: tuple[float, ...] = (0.5, 0.75, 0.9, 0.95)
     decay_factor: float = 0.5
     lambda_clip: float = 1.0
-    lambda_latent: float = 0.8
-    lambda_embedding: float = 0.5
+    lambda_latent: float = 1.6
+    lambda_embedding: float = 1.0
+    lambda_identity: float = 0.9
+    lambda_background: float = 2.0
+    embedding_resize: str = "bicubic"
     save_every: int = 200
+    val_every: int = 0
     seed: int = 0
     truncation: float = 0.7
-    prompts: tuple[str, ...] = field(default_factory=lambda: DEFAULT_PROMPTS)
+    prompts: tuple[str, ...] = field(default_factory=lambda: prompt_set("faces"))
 
 
 class ClipImageEmbedder(torch.nn.Module):
-    """Generator images in [-1, 1] -> CLIP image embeddings, with CLIP's resizing and normalisation."""
+    """Generator images in [-1, 1] -> CLIP image embeddings, with CLIP's normalisation. `resize` brings them to CLIP's
+    input size: "antialiased" (bilinear with antialiasing) or "bicubic" (corners aligned, as FFCLIP's CLIP-embedding
+    loss resizes)."""
 
-    def __init__(self, text_encoder: TextEncoder):
+    def __init__(self, text_encoder: TextEncoder, resize: str = "antialiased"):
         super().__init__()
         if not text_encoder.has_vision:
             raise InputError("training needs CLIP's image tower; load the CLIP weights with the vision tower kept")
+        if resize not in EMBEDDING_RESIZES:
+            raise InputError(f"unknown resize {resize!r}; choose one of {', '.join(EMBEDDING_RESIZES)}")
+        self.resize = resize
         self.visual = text_encoder.clip.visual
         size = self.visual.image_size
         self.size = size if isinstance(size, int) else size[0]
@@ -75,7 +94,10 @@ class ClipImageEmbedder(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.clamp(-1, 1) + 1) / 2
-        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        if self.resize == "bicubic":
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=True)
+        else:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         return self.visual((x - self.mean) / self.std)
 
 
@@ -86,14 +108,36 @@ def step_decay(step: int, total: int, decay_at: Sequence[float], factor: float) 
 
 @dataclass
 class StepLosses:
+    """One step's losses (unweighted, and the weighted total); identity and background are 0 when off."""
+
     clip: float
     latent: float
     embedding: float
     total: float
+    identity: float = 0.0
+    background: float = 0.0
+
+
+def start_distributed(device: torch.device) -> torch.device:
+    """Under `torchrun` (WORLD_SIZE > 1), join the process group: NCCL for CUDA, on the device LOCAL_RANK names,
+    gloo otherwise. Returns this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _rank_and_size() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 class MapperTrainer:
-    """One optimiser over the mapper; `generator` and `text_encoder` (with its image tower) stay frozen."""
+    """One optimiser over the mapper; `generator`, `text_encoder` (with its image tower) and the optional
+    `identity_net` and `face_parser` stay frozen. In a process group (`start_distributed`) the mapper runs under DDP.
+    `val_latents` are the held-out latents that validation (`config.val_every`) scores."""
 
     def __init__(
         self,
@@ -103,20 +147,39 @@ class MapperTrainer:
         config: TrainConfig,
         latents: torch.Tensor | None = None,
         device: str | torch.device = "cpu",
+        identity_net: torch.nn.Module | None = None,
+        face_parser: torch.nn.Module | None = None,
+        val_latents: torch.Tensor | None = None,
     ):
         if not config.prompts:
             raise InputError("no training prompts; give a prompts file with at least one line")
         check_stages_fit(text_encoder, mapper, generator)
+        self.rank, self.world_size = _rank_and_size()
+        if config.batch_size % self.world_size:
+            raise InputError(f"--batch-size {config.batch_size} does not split over {self.world_size} processes; "
+                             f"use a multiple of {self.world_size}")
+        if config.val_every and (val_latents is None or len(val_latents) == 0):
+            raise InputError("validation needs held-out latents; give --val-latents, or --latents to hold some out")
         self.device = torch.device(device)
         self.config = config
         self.mapper = mapper.to(self.device).train().requires_grad_(True)
         self.generator = generator.to(self.device).eval().requires_grad_(False)
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
+        self.identity_net = _frozen(identity_net, self.device)
+        self.face_parser = _frozen(face_parser, self.device)
         self.image_embedder = ClipImageEmbedder(text_encoder).to(self.device)
+        self.embedding_embedder = (self.image_embedder if config.embedding_resize == self.image_embedder.resize
+                                   else ClipImageEmbedder(text_encoder, config.embedding_resize).to(self.device))
+        self.model = self.mapper
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.mapper, device_ids=ids)
         self.latents = latents
+        self.val_latents = val_latents
         self.optimizer = torch.optim.Adam(self.mapper.parameters(), lr=config.lr)
         self.step = 0
         self.history: list[StepLosses] = []
+        self.validation: list[tuple[int, float]] = []
         self._rng = random.Random(config.seed)
         self._torch_rng = torch.Generator().manual_seed(config.seed)
         with torch.no_grad():
@@ -134,28 +197,69 @@ class MapperTrainer:
         prompt_idx = torch.tensor([self._rng.randrange(len(self.config.prompts)) for _ in range(b)])
         return w.to(self.device), self._text_embeddings[prompt_idx.to(self._text_embeddings.device)]
 
+    def _losses(self, w: torch.Tensor, e: torch.Tensor, mapper: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted total and the vector (clip, latent, embedding, total, identity, background) of one batch."""
+        c = self.config
+        with torch.no_grad():
+            x = self.generator.synthesis(w)
+            original = self.embedding_embedder(x)
+        w_edit = mapper(w, e)
+        x_hat = self.generator.synthesis(w_edit)
+        edited = self.image_embedder(x_hat)
+        edited_for_embedding = edited if self.embedding_embedder is self.image_embedder else self.embedding_embedder(x_hat)
+        zero = x_hat.new_zeros(())
+        clip_loss = (1 - F.cosine_similarity(edited, e, dim=-1)).mean()
+        latent_loss = (w_edit - w).abs().mean()
+        embedding_loss = (edited_for_embedding - original).abs().mean()
+        use_identity = self.identity_net is not None and c.lambda_identity > 0
+        use_background = self.face_parser is not None and c.lambda_background > 0
+        id_loss = identity_loss(self.identity_net, x_hat, x) if use_identity else zero
+        bg_loss = background_loss(self.face_parser, x_hat, x) if use_background else zero
+        total = (c.lambda_clip * clip_loss + c.lambda_latent * latent_loss + c.lambda_embedding * embedding_loss
+                 + c.lambda_identity * id_loss + c.lambda_background * bg_loss)
+        return total, torch.stack([clip_loss, latent_loss, embedding_loss, total, id_loss, bg_loss]).detach()
+
     def train_step(self) -> StepLosses:
-        """One optimisation step on a fresh batch."""
+        """One optimisation step on a fresh batch; in a distributed run, on this process's share of it, the losses
+        reported being the whole batch's."""
         c = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = c.lr * step_decay(self.step, c.steps, c.decay_at, c.decay_factor)
         w, e = self._batch()
-        with torch.no_grad():
-            original = self.image_embedder(self.generator.synthesis(w))
-        w_edit = self.mapper(w, e)
-        edited = self.image_embedder(self.generator.synthesis(w_edit))
-        clip_loss = (1 - F.cosine_similarity(edited, e, dim=-1)).mean()
-        latent_loss = (w_edit - w).abs().mean()
-        embedding_loss = (edited - original).abs().mean()
-        total = c.lambda_clip * clip_loss + c.lambda_latent * latent_loss + c.lambda_embedding * embedding_loss
+        share = c.batch_size // self.world_size
+        mine = slice(self.rank * share, (self.rank + 1) * share)
+        total, values = self._losses(w[mine], e[mine], self.model)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(self.mapper.parameters(), c.grad_clip)
         self.optimizer.step()
+        if self.world_size > 1:
+            dist.all_reduce(values)
+            values /= self.world_size
         self.step += 1
-        losses = StepLosses(clip_loss.item(), latent_loss.item(), embedding_loss.item(), total.item())
+        losses = StepLosses(*values.tolist())
         self.history.append(losses)
         return losses
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean weighted loss over the held-out latents, latent i paired with prompt i mod the number of prompts (the
+        same pairs every time)."""
+        self.mapper.eval()
+        n, b = len(self.val_latents), self.config.batch_size
+        pairs = (torch.arange(n) % len(self.config.prompts)).to(self._text_embeddings.device)
+        total = 0.0
+        for start in range(0, n, b):
+            w = self.val_latents[start:start + b].to(self.device)
+            loss, _ = self._losses(w, self._text_embeddings[pairs[start:start + b]], self.mapper)
+            total += loss.item() * len(w)
+        self.mapper.train()
+        return total / n
+
+    @property
+    def best_validation(self) -> tuple[int, float] | None:
+        """(step, loss) of the best validation so far."""
+        return min(self.validation, key=lambda v: v[1]) if self.validation else None
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write `train_state.pt` (mapper weights, optimiser, step, losses, random streams) in one atomic write, then
@@ -168,7 +272,8 @@ class MapperTrainer:
             "mapper_config": to_dict(self.mapper.config),
             "mapper": self.mapper.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "history": [[h.clip, h.latent, h.embedding, h.total] for h in self.history],
+            "history": [[h.clip, h.latent, h.embedding, h.total, h.identity, h.background] for h in self.history],
+            "validation": [list(v) for v in self.validation],
             "torch_rng": self._torch_rng.get_state(),
             "prompt_rng": list(self._rng.getstate()[1]),
         }
@@ -179,6 +284,16 @@ class MapperTrainer:
             self.mapper,
             extra={"trained_steps": self.step, "train_config": _jsonable(asdict(self.config))},
         )
+
+    def _keep_if_best(self, folder: Path) -> None:
+        """Validate; when the loss is the lowest so far, write the mapper to `best_mapper.safetensors` (atomically)."""
+        best = self.best_validation
+        loss = self.validate()
+        self.validation.append((self.step, loss))
+        if best is None or loss < best[1]:
+            save_module(folder / "best_mapper.safetensors", self.mapper,
+                        extra={"trained_steps": self.step, "val_loss": loss,
+                               "train_config": _jsonable(asdict(self.config))})
 
     def resume(self, folder: str | os.PathLike) -> None:
         """Continue from the `train_state.pt` that `save` wrote: mapper weights, optimiser state, step, loss history
@@ -203,21 +318,32 @@ class MapperTrainer:
             self._torch_rng.set_state(state["torch_rng"])
             self._rng.setstate((3, tuple(state["prompt_rng"]), None))
             history = [StepLosses(*h) for h in state["history"]]
+            validation = [(int(step), float(loss)) for step, loss in state.get("validation", [])]
         except Exception as exc:  # the same: any part of the state may be damaged
             raise InputError(f"{path}: cannot resume from it ({summarize(exc)}); start again without --resume") from None
         self.step = int(state["step"])
         self.history = history
+        self.validation = validation
 
     def fit(self, out: str | os.PathLike, on_step: Callable[[int, StepLosses], None] | None = None) -> Path:
-        """Train until `config.steps`, saving every `save_every` steps and at the end; returns the mapper file."""
-        path = None
-        while self.step < self.config.steps:
+        """Train until `config.steps`, validating every `val_every` steps (and at the end) when asked and saving every
+        `save_every` steps and at the end; returns the mapper file. Only the first process of a distributed run
+        validates and writes."""
+        c, out = self.config, Path(out)
+        saved = False
+        while self.step < c.steps:
             losses = self.train_step()
             if on_step is not None:
                 on_step(self.step, losses)
-            if self.step % self.config.save_every == 0 or self.step == self.config.steps:
-                path = self.save(out)
-        return path if path is not None else self.save(out)
+            last = self.step == c.steps
+            if self.rank == 0 and c.val_every and (self.step % c.val_every == 0 or last):
+                self._keep_if_best(out)
+            if self.rank == 0 and (self.step % c.save_every == 0 or last):
+                self.save(out)
+                saved = True
+        if self.rank == 0 and not saved:
+            self.save(out)
+        return out / "mapper.safetensors"
 
 
 def _mapper_of_an_earlier_save(folder: Path, state: dict) -> dict:
@@ -234,8 +360,14 @@ def _mapper_of_an_earlier_save(folder: Path, state: dict) -> dict:
     return {"mapper_config": bundle.config, "mapper": bundle.state_dict}
 
 
-def plot_losses(history: Sequence[StepLosses], path: str | os.PathLike) -> Path:
-    """A PNG of the loss curves, written atomically."""
+def _frozen(module: torch.nn.Module | None, device: torch.device) -> torch.nn.Module | None:
+    return None if module is None else module.to(device).eval().requires_grad_(False)
+
+
+def plot_losses(
+    history: Sequence[StepLosses], path: str | os.PathLike, validation: Sequence[tuple[int, float]] = ()
+) -> Path:
+    """A PNG of the loss curves (and the validation losses, as points), written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,8 +375,12 @@ def plot_losses(history: Sequence[StepLosses], path: str | os.PathLike) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = range(1, len(history) + 1)
-    for name in ("total", "clip", "latent", "embedding"):
-        ax.plot(steps, [getattr(h, name) for h in history], label=name)
+    for name in ("total", "clip", "latent", "embedding", "identity", "background"):
+        values = [getattr(h, name) for h in history]
+        if any(values):
+            ax.plot(steps, values, label=name)
+    if validation:
+        ax.plot(*zip(*validation), "o", label="validation (total)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
@@ -258,3 +394,9 @@ def plot_losses(history: Sequence[StepLosses], path: str | os.PathLike) -> Path:
 
 def _jsonable(data: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+if __name__ == "__main__":
+    from .cli import train_main
+
+    train_main()
