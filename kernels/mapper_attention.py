@@ -24,6 +24,7 @@ import triton.language as tl
 from ffclip.kernels import _config
 from ffclip.kernels.reference import EXP_SAFE, INJECTION_SLOPE
 
+
 @triton.jit
 def _expm1(x):
     """`exp(x) - 1` as `ffclip.kernels.reference.expm1` computes it (Kahan's form from exp and log)."""
