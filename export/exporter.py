@@ -1,4 +1,5 @@
-"""The export of all three stages into one artifact folder, written atomically with its manifest."""
+"""The export of the three stages of an edit, and optionally the photo encoder, into one artifact folder, written
+atomically with its manifest."""
 
 from __future__ import annotations
 
@@ -17,7 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ffclip.artifacts import MANIFEST, PRECISIONS, compute_precision, model_facts, read_manifest, sha256, write_manifest
+from ffclip.artifacts import (
+    MANIFEST,
+    PHOTO_SIZE,
+    PRECISIONS,
+    compute_precision,
+    model_facts,
+    read_manifest,
+    sha256,
+    write_manifest,
+)
 from ffclip.atomic import atomic_dir
 from ffclip.checkpoints.bundle import save_module
 from ffclip.engines import engine_class
@@ -46,6 +56,8 @@ class ExportOptions:
     max_batch: int = 16
     opset: int = DEFAULT_OPSET
     device: torch.device = torch.device("cpu")
+    # the encoder stage's input size; the released e4e encoder reads 256 px (smaller sizes keep tests quick)
+    photo_size: int = PHOTO_SIZE
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -57,6 +69,9 @@ class ExportOptions:
             raise InputError(
                 f"batch range must satisfy 1 <= min <= opt <= max, got {self.min_batch}/{self.opt_batch}/{self.max_batch}"
             )
+        if self.photo_size < 16 or self.photo_size & (self.photo_size - 1):
+            raise InputError(f"photo size {self.photo_size}: the encoder reads square photos of a power of two pixels, "
+                             f"at least 16 ({PHOTO_SIZE} for the released e4e encoder)")
 
     @property
     def batch(self) -> tuple[int, int, int]:
@@ -128,14 +143,17 @@ def export_artifacts(
     sources: dict[str, dict[str, Any]],
     progress: Callable[[str], None] = lambda message: None,
     force: bool = False,
+    encoder: nn.Module | None = None,
 ) -> ExportReport:
-    """Export (text encoder, mapper, generator) into `out`. The folder appears complete or not at all; a failure
-    raises `ExportFailed` after every stage and format was tried, so the report lists all problems. An existing
-    `out` is replaced only when it is an artifact folder, or with `force` (`check_replaceable`)."""
+    """Export (text encoder, mapper, generator) into `out`, and the photo `encoder` as a fourth stage when given.
+    The folder appears complete or not at all; a failure raises `ExportFailed` after every stage and format was
+    tried, so the report lists all problems. An existing `out` is replaced only when it is an artifact folder, or
+    with `force` (`check_replaceable`)."""
     out = Path(out)
     check_replaceable(out, force)
-    specs = stage_specs(*modules)
-    by_name = dict(zip(specs, (copy.deepcopy(m).cpu().float().eval() for m in modules)))
+    specs = stage_specs(*modules, encoder, options.photo_size)
+    stage_modules = (*modules, encoder) if encoder is not None else modules
+    by_name = dict(zip(specs, (copy.deepcopy(m).cpu().float().eval() for m in stage_modules)))
     report = ExportReport(out)
     with atomic_dir(out) as tmp:
         old_cache = out / TIMING_CACHE
@@ -148,7 +166,7 @@ def export_artifacts(
         if report.failed:
             raise ExportFailed(report)
         progress("writing manifest.json")
-        write_manifest(tmp, _manifest(modules, options, preset, sources, stages))
+        write_manifest(tmp, _manifest(modules, options, preset, sources, stages, encoder is not None))
     report.manifest = read_manifest(out, verify=False)
     report.manifest_sha256 = sha256(out / MANIFEST)
     return report
@@ -307,7 +325,7 @@ def _exact_cuda_math() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _manifest(modules, options: ExportOptions, preset: str, sources, stages) -> dict[str, Any]:
+def _manifest(modules, options: ExportOptions, preset: str, sources, stages, with_encoder: bool) -> dict[str, Any]:
     import onnx
     import onnxruntime
 
@@ -322,7 +340,7 @@ def _manifest(modules, options: ExportOptions, preset: str, sources, stages) -> 
         "precision": options.precision,
         "export_device": str(options.device),
         "batch": {"min": options.min_batch, "opt": options.opt_batch, "max": options.max_batch},
-        "model": model_facts(text_encoder, generator),
+        "model": model_facts(text_encoder, generator, options.photo_size if with_encoder else None),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -13,8 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ffclip.artifacts import StageInfo, TensorInfo, check_stages_fit, compute_precision, model_facts, stage_tensors
-from ffclip.models import Generator, Mapper, TextEncoder
+from ffclip.artifacts import (
+    PHOTO_SIZE,
+    StageInfo,
+    TensorInfo,
+    check_encoder_fits,
+    check_stages_fit,
+    compute_precision,
+    model_facts,
+    stage_tensors,
+)
+from ffclip.models import Encoder4Editing, Generator, Mapper, TextEncoder
 
 # CLIP's start/end-of-text tokens: the last two entries of its 49408-token vocabulary
 _SOT_OFFSET, _EOT_OFFSET = 2, 1
@@ -39,6 +48,9 @@ class Tolerance:
 _TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "text_encoder": {"fp32": Tolerance("rel", 1e-4), "fp16": Tolerance("rel", 2e-2), "bf16": Tolerance("rel", 8e-2)},
     "generator": {"fp32": Tolerance("abs", 1e-3), "fp16": Tolerance("abs", 1e-1), "bf16": Tolerance("abs", 4e-1)},
+    # relative to the largest |w|, against float64: IR-SE-50's 24 units and the style heads keep float32 within about
+    # 1e-6 of it (measured on the released layout with seeded weights)
+    "encoder": {"fp32": Tolerance("rel", 1e-4), "fp16": Tolerance("rel", 2e-2), "bf16": Tolerance("rel", 8e-2)},
 }
 # The mapper is held to a float64 evaluation of the same module. Its normalisation across layers magnifies rounding in
 # channels that are small on every layer, so a correct float32 result is within about 5e-3 of the output's largest
@@ -46,6 +58,8 @@ _TOLERANCES: dict[str, dict[str, Tolerance]] = {
 MAPPER_TOLERANCE = Tolerance("rel", 1e-2)
 FLOAT64_REFEREE = "float64"
 EAGER_REFEREE = "eager fp32"
+# stages held to a float64 evaluation of the same module rather than to eager float32
+FLOAT64_REFEREED = ("mapper", "encoder")
 
 
 def format_precision(stage: str, precision: str, fmt: str, device: torch.device) -> str:
@@ -87,8 +101,9 @@ class StageSpec:
 
     @property
     def referee(self) -> str:
-        """What an artifact is compared with: a float64 evaluation for the mapper, eager fp32 for the others."""
-        return FLOAT64_REFEREE if self.name == "mapper" else EAGER_REFEREE
+        """What an artifact is compared with: a float64 evaluation for the mapper and the encoder, eager fp32 for the
+        others."""
+        return FLOAT64_REFEREE if self.name in FLOAT64_REFEREED else EAGER_REFEREE
 
     def profile(self, min_batch: int, opt_batch: int, max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
         """Per input: (min, opt, max) shapes of the one optimisation profile for the batch range."""
@@ -138,15 +153,27 @@ def _latents(num_ws: int, dim: int, with_embedding: bool) -> Callable[[int, torc
     return make
 
 
-def stage_specs(text_encoder: TextEncoder, mapper: Mapper, generator: Generator) -> dict[str, StageSpec]:
-    """The three stages' specs, read from the modules' configurations; `InputError` when they do not fit together."""
+def _photos(size: int) -> Callable[[int, torch.Generator], dict[str, torch.Tensor]]:
+    def make(batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"images": torch.rand(batch, 3, size, size, generator=g) * 2 - 1}
+
+    return make
+
+
+def stage_specs(text_encoder: TextEncoder, mapper: Mapper, generator: Generator,
+                encoder: Encoder4Editing | None = None, photo_size: int = PHOTO_SIZE) -> dict[str, StageSpec]:
+    """The stages' specs, read from the modules' configurations: the three of every edit, and the photo encoder
+    (inputs `photo_size` pixels on a side) when given; `InputError` when they do not fit together."""
     check_stages_fit(text_encoder, mapper, generator)
-    model = model_facts(text_encoder, generator)
+    if encoder is not None:
+        check_encoder_fits(encoder, generator.num_ws, generator.config.style_dim)
+    model = model_facts(text_encoder, generator, None if encoder is None else photo_size)
     num_ws, dim = model["num_ws"], model["embed_dim"]
     inputs = {
         "text_encoder": _tokens(text_encoder.clip.vocab_size, model["context_length"]),
         "mapper": _latents(num_ws, dim, with_embedding=True),
         "generator": _latents(num_ws, dim, with_embedding=False),
+        "encoder": _photos(photo_size),
     }
     return {name: StageSpec(name, *tensors, inputs[name]) for name, tensors in stage_tensors(model).items()}
 

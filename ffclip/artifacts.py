@@ -22,9 +22,14 @@ from ffclip.atomic import atomic_file, recover_dir
 from ffclip.errors import FfclipError, InputError, summarize
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ffclip.models import Generator, Mapper, TextEncoder
 
 STAGES = ("text_encoder", "mapper", "generator")
+# Stages a folder may hold beside the three of every edit: the photo encoder that inverts photos to W+ (DESIGN §1).
+OPTIONAL_STAGES = ("encoder",)
+PHOTO_SIZE = 256  # the released e4e encoder's input, in pixels on a side
 BACKENDS = ("eager", "torchscript", "onnxruntime", "openvino", "tensorrt", "triton")
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Stages that compute in float32 whatever the export's precision: the mapper (0.1% of an edit's arithmetic) misses its
@@ -92,28 +97,44 @@ def check_stages_fit(text_encoder: TextEncoder, mapper: Mapper, generator: Gener
                          f"{mapper.config.dim}; use the CLIP model the mapper was trained with")
 
 
-def model_facts(text_encoder: TextEncoder, generator: Generator) -> dict[str, int]:
-    """The sizes the manifest records under "model" (and `stage_tensors` reads)."""
-    return {
+def check_encoder_fits(encoder: nn.Module, num_ws: int, dim: int, where: str = "the encoder") -> None:
+    """Raise `InputError` unless the photo encoder (`where` names it) gives latents of `num_ws` style layers of
+    width `dim`, the generator's, as its average latent `[L, D]` shows."""
+    layers, width = encoder.latent_avg.shape
+    if (layers, width) != (num_ws, dim):
+        raise InputError(f"{where} gives latents [B, {layers}, {width}] but the generator takes [B, {num_ws}, {dim}]; "
+                         "use the encoder trained for this generator (its resolution and style width)")
+
+
+def model_facts(text_encoder: TextEncoder, generator: Generator, photo_size: int | None = None) -> dict[str, int]:
+    """The sizes the manifest records under "model" (and `stage_tensors` reads); `photo_size`, the encoder stage's
+    input size, only for a folder with that stage."""
+    facts = {
         "num_ws": generator.num_ws,
         "resolution": generator.resolution,
         "embed_dim": text_encoder.embed_dim,
         "context_length": text_encoder.tokenizer.context_length,
     }
+    return facts if photo_size is None else {**facts, "photo_size": photo_size}
 
 
 def stage_tensors(model: dict[str, int]) -> dict[str, tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]]:
-    """(inputs, outputs) of each stage (DESIGN §1) for the sizes of `model_facts`."""
+    """(inputs, outputs) of each stage (DESIGN §1) for the sizes of `model_facts`; the encoder's when the sizes
+    include its `photo_size`."""
     num_ws, dim, res = model["num_ws"], model["embed_dim"], model["resolution"]
 
     def f32(name: str, *shape: int) -> TensorInfo:
         return TensorInfo(name, "float32", ("batch", *shape))
 
-    return {
+    tensors = {
         "text_encoder": ((TensorInfo("tokens", "int64", ("batch", model["context_length"])),), (f32("embedding", dim),)),
         "mapper": ((f32("w", num_ws, dim), f32("embedding", dim)), (f32("w_edit", num_ws, dim),)),
         "generator": ((f32("w", num_ws, dim),), (f32("image", 3, res, res),)),
     }
+    if "photo_size" in model:
+        size = model["photo_size"]
+        tensors["encoder"] = ((f32("images", 3, size, size),), (f32("w", num_ws, dim),))
+    return tensors
 
 
 @dataclass(frozen=True)
@@ -316,6 +337,8 @@ def _check_form(folder: Path, manifest: dict[str, Any]) -> None:
     need(isinstance(manifest.get("precision"), str), "'precision' must be a string")
     stages = manifest.get("stages")
     need(isinstance(stages, dict), "'stages' must be an object")
+    need("encoder" not in stages or (is_int(manifest["model"].get("photo_size")) and manifest["model"]["photo_size"] > 0),
+         "the encoder stage needs a positive integer 'model' photo_size")
     for stage, entry in stages.items():
         need(isinstance(entry, dict) and isinstance(entry.get("files"), dict), f"stage {stage!r} has no 'files' object")
         for fmt, name in entry["files"].items():

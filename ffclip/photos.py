@@ -1,8 +1,9 @@
 """Real photos in: reading face photos and inverting them to W+ latents with the e4e encoder (DESIGN §1).
 
 A photo is taken as already aligned the way FFHQ was (face centred, eyes level): it is turned upright from its EXIF
-orientation, converted to RGB and resized to the encoder's 256 x 256 input as e4e's test transform does (bilinear,
-no crop), then scaled to [-1, 1].
+orientation, converted to RGB, scaled to [-1, 1] and resized to the encoder's 256 x 256 input as e4e's test
+transform does (bilinear, no crop; antialiased like PIL's filter when shrinking). `photo_batch` is that one
+conversion, for files and for tensors given to `Runtime.invert` alike.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .artifacts import PHOTO_SIZE
 from .errors import InputError, summarize
 from .imaging import to_uint8
-from .latents import check_latents
-
-PHOTO_SIZE = 256  # the e4e encoder's input
 MIN_PHOTO_SIZE = 64  # below this a face has too few pixels for an inversion worth having
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, SyntaxError)
@@ -47,12 +47,33 @@ def read_photo(path: str | os.PathLike, size: int = PHOTO_SIZE) -> torch.Tensor:
     """The photo at `path` upright, RGB, resized to `size` x `size`: float32 `[3, size, size]` in [-1, 1]."""
     try:
         with open_photo(path) as image:
-            upright = ImageOps.exif_transpose(image).convert("RGB")
-        pixels = np.asarray(upright.resize((size, size), Image.BILINEAR), dtype=np.float32)
+            pixels = np.array(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)
     except _UNREADABLE as exc:
         raise InputError(f"{path}: the image cannot be decoded ({summarize(exc)}); give an undamaged PNG or JPEG "
                          "photo") from None
-    return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
+    return photo_batch(torch.from_numpy(pixels).permute(2, 0, 1)[None], size, str(path))[0]
+
+
+def photo_batch(images: torch.Tensor, size: int, where: str = "images") -> torch.Tensor:
+    """Photos `[B, 3, H, W]`, uint8 or float in [-1, 1], as float32 in [-1, 1] resized to `size` x `size` (bilinear,
+    antialiased); `InputError` naming `where` for any other input."""
+    if not isinstance(images, torch.Tensor):
+        raise InputError(f"{where}: photos must be a torch tensor, not {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0 or min(images.shape[2:]) < 1:
+        raise InputError(f"{where}: photos of shape {list(images.shape)}; expected [B, 3, H, W] (RGB, channels first)")
+    if images.dtype == torch.uint8:
+        x = images.float() / 127.5 - 1
+    elif images.is_floating_point():
+        x = images.float()
+        if not torch.isfinite(x).all() or x.min() < -1 or x.max() > 1:
+            raise InputError(f"{where}: float photos must hold finite values in [-1, 1] (found "
+                             f"{x.min().item():.3g} to {x.max().item():.3g}); scale 0-255 pixels as p / 127.5 - 1, "
+                             "clamp, or pass uint8")
+    else:
+        raise InputError(f"{where}: photos of dtype {images.dtype}; pass uint8 pixels or floats in [-1, 1]")
+    if tuple(x.shape[2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.contiguous()
 
 
 def list_photos(folder: str | os.PathLike) -> list[Path]:
@@ -65,29 +86,26 @@ def list_photos(folder: str | os.PathLike) -> list[Path]:
     return paths
 
 
-@torch.no_grad()
 def invert(
-    encoder: torch.nn.Module,
+    encode: Callable[[torch.Tensor], torch.Tensor],
     paths: Sequence[str | os.PathLike],
     batch_size: int = 8,
     report: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """W+ codes float32 `[len(paths), L, 512]` on the CPU for the photos at `paths`, `batch_size` at a time on the
-    encoder's device; `report(done, total)` is called after each batch."""
-    device = next(encoder.parameters()).device
+    """W+ codes float32 `[len(paths), L, D]` on the CPU for the photos at `paths`, `batch_size` at a time through
+    `encode` (`Runtime.invert`); `report(done, total)` is called after each batch."""
     codes = []
     for start in range(0, len(paths), batch_size):
-        batch = torch.stack([read_photo(p) for p in paths[start:start + batch_size]]).to(device)
-        codes.append(encoder(batch).float().cpu())
+        batch = torch.stack([read_photo(p) for p in paths[start:start + batch_size]])
+        codes.append(encode(batch).float().cpu())
         if report is not None:
             report(start + batch.shape[0], len(paths))
     return torch.cat(codes)
 
 
 def photo_latents(
-    encoder: torch.nn.Module, where: str, paths: Sequence[str | os.PathLike], num_ws: int, dim: int, resolution: int
+    encode: Callable[[torch.Tensor], torch.Tensor], paths: Sequence[str | os.PathLike], resolution: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For editing photos: their W+ codes, checked against the generator's `num_ws` x `dim` (`where` names the
-    encoder in errors), and the photos themselves as uint8 `[B, resolution, resolution, 3]`."""
-    codes = check_latents(invert(encoder, paths), num_ws, dim, where=f"{where} (its codes for the photos)")
-    return codes, to_uint8(torch.stack([read_photo(p, resolution) for p in paths]))
+    """For editing photos: their W+ codes through `encode` (`Runtime.invert`), and the photos themselves as uint8
+    `[B, resolution, resolution, 3]`."""
+    return invert(encode, paths), to_uint8(torch.stack([read_photo(p, resolution) for p in paths]))

@@ -3,7 +3,9 @@
 The runtime checks the folder against its manifest, validates inputs, splits batches into chunks that an engine
 takes and that fit a memory budget, caches text embeddings per prompt and may be called from many threads at once.
 Outputs are float32 tensors on the runtime's device; `edit` returns uint8 images on the CPU. This is the one edit
-path: `ffclip.pipeline.EditPipeline` is a `Runtime` over eager engines of in-memory modules.
+path: `ffclip.pipeline.EditPipeline` is a `Runtime` over eager engines of in-memory modules. A folder exported with
+the photo encoder (or a runtime given one with `use_encoder`) also inverts photos to latents (`invert`), so a service
+goes from a photo to its edits through one runtime.
 
 Engines load only bytes that were read once and checked against the manifest. A folder is pinned by passing the
 sha256 of its `manifest.json` (printed by `ffclip-export`); for a folder that is not pinned, `backend="auto"` chooses
@@ -12,6 +14,7 @@ only among formats that are data (`DATA_ARTIFACTS`), never TorchScript archives 
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import threading
@@ -23,15 +26,27 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
-from .artifacts import STAGES, ArtifactError, StageInfo, read_manifest
+from .artifacts import (
+    OPTIONAL_STAGES,
+    PHOTO_SIZE,
+    STAGES,
+    ArtifactError,
+    StageInfo,
+    TensorInfo,
+    check_encoder_fits,
+    compute_precision,
+    read_manifest,
+)
 from .checkpoints.bundle import load_module
 from .devices import resolve_device
 from .engines import EngineUnavailable, StageEngine, engine_class
+from .engines.eager import EagerEngine
 from .errors import InputError
 from .imaging import to_uint8
 from .inputs import as_prompts, check_embeddings
 from .latents import check_latents, sample_latents
 from .models.text_encoder import tokenize
+from .photos import photo_batch
 from .strength import apply_strength, check_strength
 
 AUTO_ORDER = ("tensorrt", "openvino", "onnxruntime", "torchscript", "eager")
@@ -45,15 +60,19 @@ WORKING_MEMORY_FACTOR = 128
 
 
 class Runtime:
-    """Three stage engines of one backend. Use `Runtime.load` for an artifact folder.
+    """Three stage engines of one backend, and optionally the photo encoder's. Use `Runtime.load` for an artifact
+    folder.
 
     `model` holds the sizes of `ffclip.artifacts.model_facts`; `mapping` gives, when first needed, the module whose
-    mapping network `sample_latents` runs (the generator)."""
+    mapping network `sample_latents` runs (the generator); `no_encoder` is the error `invert` gives without an
+    encoder stage (what to do instead)."""
 
     def __init__(self, engines: dict[str, StageEngine], model: dict[str, int], mapping: Callable[[], nn.Module],
                  backend: str, device: torch.device, max_batch: int | None = None, cache_size: int = 1024,
-                 memory_budget_mib: float | None = DEFAULT_MEMORY_BUDGET_MIB):
+                 memory_budget_mib: float | None = DEFAULT_MEMORY_BUDGET_MIB,
+                 no_encoder: str = "this runtime has no encoder stage; give it one with use_encoder"):
         self.model = model
+        self._no_encoder = no_encoder
         self._engines = engines
         self._backend = backend
         self._device = device
@@ -78,14 +97,18 @@ class Runtime:
         folder = Path(folder)
         dev = resolve_device(device)
         manifest = read_manifest(folder, expected_sha256=expected_sha256)
-        infos = {name: StageInfo.from_manifest(manifest, name) for name in STAGES}
+        infos = {name: StageInfo.from_manifest(manifest, name) for name in (*STAGES, *OPTIONAL_STAGES)
+                 if name in manifest["stages"]}
 
         def mapping() -> nn.Module:
             with infos["generator"].checked_file(folder, "eager") as path:
                 return load_module(path)
 
         options = (manifest["model"], mapping)
-        limits = (max_batch, cache_size, memory_budget_mib)
+        no_encoder = (f"{folder}: no encoder stage, so photos cannot be inverted; re-export the folder with "
+                      "ffclip-export --encoder e4e_ffhq_encode.pt, or give the e4e checkpoint itself (ffclip --encoder, "
+                      "Runtime.use_encoder)")
+        limits = (max_batch, cache_size, memory_budget_mib, no_encoder)
         if backend != "auto":
             return cls(_open_engines(folder, infos, backend, dev), *options, backend, dev, *limits)
         reasons = []
@@ -161,29 +184,70 @@ class Runtime:
         w = check_latents(latents, self.num_ws, self.embed_dim).to(self._device)
         return self._run("generator", {"w": w})["image"]
 
+    @property
+    def has_encoder(self) -> bool:
+        """Whether `invert` can run: the folder has the encoder stage, or one was given with `use_encoder`."""
+        return "encoder" in self._engines
+
+    def use_encoder(self, encoder: nn.Module, precision: str = "fp32", where: str = "the encoder") -> None:
+        """Invert photos with the in-memory `encoder` (eager, computing in `precision`) from now on, in place of the
+        folder's encoder stage; `InputError` naming `where` unless its latents fit the generator."""
+        check_encoder_fits(encoder, self.num_ws, self.embed_dim, where)
+        f32 = functools.partial(TensorInfo, dtype="float32")
+        tensors = ((f32("images", shape=("batch", 3, PHOTO_SIZE, PHOTO_SIZE)),),
+                   (f32("w", shape=("batch", self.num_ws, self.embed_dim)),))
+        old, self._engines["encoder"] = self._engines.get("encoder"), eager_engine("encoder", tensors, encoder,
+                                                                                    self._device, precision)
+        if old is not None:
+            old.close()
+
+    def invert(self, images: torch.Tensor) -> torch.Tensor:
+        """W+ latents float32 `[B, L, D]` on the device from aligned face photos `[B, 3, H, W]`, uint8 or float in
+        [-1, 1], resized to the encoder's input as `ffclip.photos.photo_batch` does; the average latent is included,
+        so the result edits and synthesizes directly."""
+        if self._engines and not self.has_encoder:
+            raise InputError(self._no_encoder)
+        size = self._engine("encoder").stage.inputs[0].shape[-1]
+        return self._run("encoder", {"images": photo_batch(images, int(size))})["w"]
+
     def edit(self, latents: torch.Tensor, prompts: str | Sequence[str],
              strength: float | Sequence[float] | torch.Tensor = 1.0) -> torch.Tensor:
         """Edited images uint8 `[B, R, R, 3]` (CPU). `prompts` is one prompt applied to every latent, or a list of
         exactly one prompt per latent; `strength` (one, or one per latent) scales the edit (`ffclip.strength`)."""
+        return self.edit_with_latents(latents, prompts, strength)[0]
+
+    def edit_with_latents(self, latents: torch.Tensor, prompts: str | Sequence[str],
+                          strength: float | Sequence[float] | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images of `edit` and the edited latents they were synthesized from, float32 `[B, L, D]` on the
+        device (the mapper's output with `strength` applied)."""
         # chunk by chunk, so only the uint8 images of the whole batch are held
-        return torch.cat([to_uint8(images) for images in self.edited(latents, prompts, strength)])
+        chunks = [(w, to_uint8(images)) for w, images in self._edit_chunks(*self._edit_inputs(latents, prompts, strength))]
+        return torch.cat([images for _, images in chunks]), torch.cat([w for w, _ in chunks])
 
     def edited(self, latents: torch.Tensor, prompts: str | Sequence[str],
                strength: float | Sequence[float] | torch.Tensor = 1.0) -> Iterator[torch.Tensor]:
         """The images of `edit` as float32 `[b, 3, R, R]` on the device, one chunk of rows at a time; the inputs are
         checked before the first chunk is computed."""
+        return (images for _, images in self._edit_chunks(*self._edit_inputs(latents, prompts, strength)))
+
+    def _edit_inputs(self, latents: torch.Tensor, prompts: str | Sequence[str],
+                     strength: float | Sequence[float] | torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         w = check_latents(latents, self.num_ws, self.embed_dim).to(self._device)
         prompts = as_prompts(prompts)
         if len(prompts) not in (1, w.shape[0]):
             raise InputError(f"{len(prompts)} prompts for {w.shape[0]} latents; give one prompt, or one per latent")
         s = check_strength(strength, w.shape[0])
-        return self._edit_chunks(w, self.encode_text(prompts), s)
+        return w, self.encode_text(prompts), s
 
-    def _edit_chunks(self, w: torch.Tensor, e: torch.Tensor, s: torch.Tensor | None) -> Iterator[torch.Tensor]:
+    def _edit_chunks(self, w: torch.Tensor, e: torch.Tensor,
+                     s: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(edited latents, images) one chunk of rows at a time."""
         step = min(self.chunk_rows("mapper"), self.chunk_rows("generator"))
         for i in range(0, w.shape[0], step):
             wi, ei = w[i : i + step], e if e.shape[0] == 1 else e[i : i + step]
-            yield self.synthesize(apply_strength(wi, self.modulate(wi, ei), 1.0 if s is None else s[i : i + step]))
+            w_edit = apply_strength(wi, self.modulate(wi, ei), 1.0 if s is None else s[i : i + step])
+            yield w_edit, self.synthesize(w_edit)
 
     def chunk_rows(self, stage: str) -> int:
         """The most rows one call of `stage`'s engine gets: the engine's own limit, `max_batch`, and the rows whose
@@ -224,6 +288,15 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def eager_engine(name: str, tensors: tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]], module: nn.Module,
+                 device: torch.device, precision: str) -> EagerEngine:
+    """An eager engine of stage `name` over the in-memory `module`, computing as an export at `precision` would
+    (`ffclip.artifacts.compute_precision`)."""
+    info = StageInfo(name, *tensors, files={}, min_batch=1, opt_batch=1, max_batch=sys.maxsize, precision=precision,
+                     entry={"compute_precision": {"eager": compute_precision(name, precision)}})
+    return EagerEngine(None, info, device, module=module)
 
 
 def _candidates(infos: dict[str, StageInfo], device: torch.device, pinned: bool) -> list[str]:

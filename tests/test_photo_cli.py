@@ -22,12 +22,14 @@ PRESET = get_preset(DEFAULT_PRESET).generator
 
 
 class StandInEncoder(torch.nn.Module):
-    """Photos `[B, 3, 256, 256]` to `[B, num_ws, dim]`: 8x8 average pools through a fixed random map."""
+    """Photos `[B, 3, 256, 256]` to `[B, num_ws, dim]`: 8x8 average pools through a fixed random map. Its (zero)
+    average latent gives its output's shape, as the e4e encoder's does."""
 
     def __init__(self, num_ws: int, dim: int):
         super().__init__()
         self.num_ws, self.dim = num_ws, dim
         self.map = torch.nn.Parameter(torch.randn(3 * 64, num_ws * dim, generator=torch.Generator().manual_seed(0)))
+        self.register_buffer("latent_avg", torch.zeros(num_ws, dim))
 
     def forward(self, photos: torch.Tensor) -> torch.Tensor:
         assert photos.shape[1:] == (3, 256, 256)
@@ -148,11 +150,16 @@ def test_edit_photos_writes_photo_inversion_and_edits(monkeypatch, capsys, tmp_p
 def test_edit_photo_option_errors(monkeypatch, capsys, tmp_path, stand_in):
     paths = write_photos(tmp_path / "photos", sizes=((64, 64, "RGB"),))
     code, _, err = run(monkeypatch, capsys, "edit", "--image", paths[0], "--prompt", "x", "--out", tmp_path / "g.png")
-    assert_user_error(code, err, "--image and --encoder go together")
+    assert_user_error(code, err, "--image needs an encoder to invert the photos")
+    code, _, err = run(monkeypatch, capsys, "edit", "--encoder", stand_in, "--prompt", "x", "--out", tmp_path / "g.png")
+    assert_user_error(code, err, "--encoder inverts the --image photos")
+    code, _, err = run(monkeypatch, capsys, "invert", "--images", paths[0].parent, "--out", tmp_path / "c.npy")
+    assert_user_error(code, err, "either as --encoder e4e_ffhq_encode.pt or as --artifacts FOLDER")
     monkeypatch.setattr("ffclip.checkpoints.load_encoder", lambda path, device="cpu": StandInEncoder(18, 512))
     code, _, err = run(monkeypatch, capsys, "edit", "--image", paths[0], "--encoder", stand_in, "--prompt", "x",
                        "--out", tmp_path / "g.png", "--device", "cpu")
-    assert_user_error(code, err, f"--encoder {stand_in} (its codes for the photos)", f"[B, {PRESET.num_ws}, ")
+    assert_user_error(code, err, f"--encoder {stand_in} gives latents [B, 18, 512] but the generator takes "
+                      f"[B, {PRESET.num_ws}, {PRESET.style_dim}]")
     assert not (tmp_path / "g.png").exists()
 
 

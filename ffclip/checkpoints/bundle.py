@@ -17,7 +17,7 @@ from ..errors import CheckpointError
 
 FORMAT = "ffclip-bundle"
 FORMAT_VERSION = 1
-KINDS = ("generator", "mapper", "text_encoder")
+KINDS = ("generator", "mapper", "text_encoder", "encoder")
 
 
 @dataclass
@@ -88,14 +88,15 @@ def load_bundle(path: str | os.PathLike, expect_kind: str | None = None) -> Bund
 
 
 def save_module(path: str | os.PathLike, module: torch.nn.Module, extra: dict[str, Any] | None = None) -> Path:
-    """Save a `Generator`, `Mapper` or `TextEncoder` as a bundle (its config and its state dict)."""
+    """Save a `Generator`, `Mapper`, `TextEncoder` or `Encoder4Editing` as a bundle (its config and its state dict)."""
     from ..config import to_dict
-    from ..models import Generator, Mapper, TextEncoder
+    from ..models import Encoder4Editing, Generator, Mapper, TextEncoder
 
-    kinds = {Generator: "generator", Mapper: "mapper", TextEncoder: "text_encoder"}
+    kinds = {Generator: "generator", Mapper: "mapper", TextEncoder: "text_encoder", Encoder4Editing: "encoder"}
     kind = next((k for cls, k in kinds.items() if isinstance(module, cls)), None)
     if kind is None:
-        raise TypeError(f"cannot bundle a {type(module).__name__}; expected Generator, Mapper or TextEncoder")
+        raise TypeError(f"cannot bundle a {type(module).__name__}; expected Generator, Mapper, TextEncoder or "
+                        "Encoder4Editing")
     info = dict(extra or {})
     if kind == "text_encoder":
         info["vision"] = module.has_vision
@@ -106,12 +107,15 @@ def module_from_bundle(bundle: Bundle) -> torch.nn.Module:
     """Rebuild the stage a bundle holds, in eval mode, after checking its config against its tensors."""
     from ..config import GeneratorConfig, MapperConfig, TextConfig, from_dict
     from ..models import Generator, Mapper, TextEncoder
+    from ..models.encoder import Encoder4Editing, EncoderConfig
     from .clip import clip_module
     from .detect import build_checked
+    from .photo import uninitialised
 
     found = f"an ffclip {bundle.kind} bundle"
     accepted = "an ffclip bundle holds the config and tensors that save_module wrote"
-    kinds = {"generator": (GeneratorConfig, Generator), "mapper": (MapperConfig, Mapper), "text_encoder": (TextConfig, None)}
+    kinds = {"generator": (GeneratorConfig, Generator), "mapper": (MapperConfig, Mapper), "text_encoder": (TextConfig, None),
+             "encoder": (EncoderConfig, uninitialised(Encoder4Editing))}
     config_class, module_class = kinds[bundle.kind]
     try:
         config = from_dict(config_class, bundle.config)

@@ -31,13 +31,15 @@ def _say(message: str) -> None:
     "images",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Aligned face photo to edit (repeat for several); inverted with --encoder.",
+    help="Aligned face photo to edit (repeat for several); inverted with --encoder, or with the encoder stage of "
+    "--artifacts.",
 )
 @click.option(
     "--encoder",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="e4e checkpoint (e4e_ffhq_encode.pt) that inverts the --image photos.",
+    help="e4e checkpoint (e4e_ffhq_encode.pt) that inverts the --image photos (default with --artifacts: the "
+    "folder's encoder stage).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling latents.")
 @click.option("--num", type=click.IntRange(1, 64), default=4, show_default=True, help="How many latents to sample.")
@@ -89,42 +91,49 @@ def edit(
     from ..devices import resolve_device
     from ..imaging import save_grid, to_uint8
     from ..latents import load_latents, save_latents
-    from ..strength import apply_strength, check_strength
+    from ..strength import check_strength
 
     if out.suffix.lower() != ".png":
         raise InputError(f"--out {out}: the grid is a PNG; give a file name ending in .png")
     check_output_file(out, "--out")
     check_strength(strength, 1)
-    if bool(images) != (encoder is not None) or (images and latents):
-        raise InputError("--image and --encoder go together (the encoder inverts the photos), and not with --latents")
+    if images and latents:
+        raise InputError("--image and --latents exclude each other: edit either photos or latents")
+    if encoder is not None and not images:
+        raise InputError("--encoder inverts the --image photos; give --image, or leave --encoder out")
+    if images and encoder is None and artifacts is None:
+        raise InputError("--image needs an encoder to invert the photos: give --encoder e4e_ffhq_encode.pt, or "
+                         "--artifacts with a folder exported with --encoder")
     dev = resolve_device(device)
     if images:
-        from ..checkpoints import load_encoder
         from ..photos import check_photo, photo_latents
 
         for image in images:
             check_photo(image)
+    if encoder is not None:
+        from ..checkpoints import load_encoder
+
         photo_encoder = load_encoder(encoder, device=dev)
     stages = _open_stages(sources, dev, artifacts, backend)
+    if encoder is not None:
+        stages.use_encoder(photo_encoder, where=f"--encoder {encoder}")
     photos = None
     if images:
-        _say(f"inverting {len(images)} photo(s) with {encoder}")
-        w, photos = photo_latents(photo_encoder, f"--encoder {encoder}", images, stages.num_ws, stages.embed_dim,
-                                  stages.resolution)
+        _say(f"inverting {len(images)} photo(s) with {encoder or f'the encoder stage of {artifacts}'}")
+        w, photos = photo_latents(stages.invert, images, stages.resolution)
     elif latents:
         w = load_latents(latents, stages.num_ws, stages.embed_dim)
     else:
         w = stages.sample_latents(num, seed, truncation)
-    embeddings = stages.encode_text(list(prompts))
 
     _say(f"rendering {w.shape[0]} original(s) at {stages.resolution} px")
     columns = [to_uint8(stages.synthesize(w))]
     edited = []
     for i, prompt in enumerate(prompts):
         _say(f"editing [{i + 1}/{len(prompts)}] {prompt!r}")
-        w_edit = apply_strength(w, stages.modulate(w, embeddings[i : i + 1].expand(w.shape[0], -1)), strength)
+        images_edited, w_edit = stages.edit_with_latents(w, prompt, strength)
         edited.append(w_edit)
-        columns.append(to_uint8(stages.synthesize(w_edit)))
+        columns.append(images_edited)
 
     titles = ["original", *prompts] if photos is None else ["photo", "inversion", *prompts]
     save_grid(out, columns if photos is None else [photos, *columns], titles)

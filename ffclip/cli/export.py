@@ -1,4 +1,5 @@
-"""`ffclip-export` / `ffclip export`: write ONNX, TorchScript, TensorRT and OpenVINO artifacts with their manifest."""
+"""`ffclip-export` / `ffclip export`: write ONNX, TorchScript, TensorRT and OpenVINO artifacts with their manifest,
+for the three stages of an edit and optionally the photo encoder."""
 
 from __future__ import annotations
 
@@ -25,9 +26,13 @@ from .options import StageSources, stage_options
 @click.option("--max-batch", type=int, default=16, show_default=True)
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
 @click.option("--device", default="auto", show_default=True, help="Export device: cpu, cuda, cuda:N or auto.")
+@click.option("--encoder", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="e4e checkpoint (e4e_ffhq_encode.pt) to add as a fourth stage, the photo encoder, so the folder "
+                   "also inverts photos (Runtime.invert, ffclip edit --image --artifacts).")
 def export(sources: StageSources, precision: str, out: Path | None, force: bool, formats: str, min_batch: int,
-           opt_batch: int, max_batch: int, opset: int, device: str) -> None:
-    """Export the three stages to an artifact folder and check each file against eager PyTorch."""
+           opt_batch: int, max_batch: int, opset: int, device: str, encoder: Path | None) -> None:
+    """Export the stages to an artifact folder and check each file against its referee (eager PyTorch, or float64
+    for the mapper and the encoder)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -62,11 +67,19 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
                       "OpenVINO; ONNX files are fp32 graphs"
                       + ("" if options.device.type == "cuda" else ", and on the CPU TorchScript is fp32 too")
                       + "; manifest.json records each stage's compute precision per format")
+    photo_encoder = None
+    if encoder is not None:
+        from ..checkpoints import load_encoder
+
+        console.print(f"loading the photo encoder {encoder}")
+        photo_encoder = load_encoder(encoder)
+        described["encoder"] = {"path": str(encoder), "sha256": sha256(encoder)}
     console.print(f"loading the stages (preset {sources.preset})")
     modules = sources.load("cpu")
     try:
         report = export_artifacts(modules, out, options, preset=sources.preset, sources=described,
-                                  progress=lambda message: console.print(f"  {message}"), force=force)
+                                  progress=lambda message: console.print(f"  {message}"), force=force,
+                                  encoder=photo_encoder)
     except ExportFailed as exc:
         _summary(console, Table, exc.report.outcomes)
         raise

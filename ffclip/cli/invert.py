@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..artifacts import BACKENDS
 from ..errors import InputError
 from ..outputs import check_output_file
 
@@ -20,8 +21,21 @@ from ..outputs import check_output_file
 @click.option(
     "--encoder",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    required=True,
-    help="e4e checkpoint, e.g. e4e_ffhq_encode.pt.",
+    default=None,
+    help="e4e checkpoint, e.g. e4e_ffhq_encode.pt (or give --artifacts).",
+)
+@click.option(
+    "--artifacts",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Invert with the encoder stage of an ffclip-export folder (exported with --encoder) instead of --encoder.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", *BACKENDS]),
+    default="auto",
+    show_default=True,
+    help="Backend for --artifacts.",
 )
 @click.option(
     "--out",
@@ -32,25 +46,43 @@ from ..outputs import check_output_file
 )
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True, help="Photos per batch.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-def invert(images: Path, encoder: Path, out: Path, batch_size: int, device: str) -> None:
+def invert(images: Path, encoder: Path | None, artifacts: Path | None, backend: str, out: Path, batch_size: int,
+           device: str) -> None:
     """Invert aligned face photos to W+ latent codes with the e4e encoder."""
+    import torch
+
     from ..atomic import atomic_file
-    from ..checkpoints import load_encoder
     from ..devices import resolve_device
     from ..latents import save_latents
     from ..photos import invert as invert_photos
     from ..photos import list_photos
 
+    if (encoder is None) == (artifacts is None):
+        raise InputError("give the encoder either as --encoder e4e_ffhq_encode.pt or as --artifacts FOLDER (exported "
+                         "with --encoder), one of the two")
     if out.suffix.lower() != ".npy":
         raise InputError(f"--out {out}: the codes are written as .npy; give a file name ending in .npy")
     check_output_file(out, "--out")
     paths = list_photos(images)
-    net = load_encoder(encoder, device=resolve_device(device))
+    dev = resolve_device(device)
+    if encoder is not None:
+        from ..checkpoints import load_encoder
+
+        net = load_encoder(encoder, device=dev)
+
+        def encode(photos: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return net(photos.to(dev))
+    else:
+        from ..runtime import Runtime
+
+        runtime = Runtime.load(artifacts, backend=backend, device=dev)
+        encode = runtime.invert
 
     def report(done: int, total: int) -> None:
         click.echo(f"inverted {done}/{total} photos", err=True)
 
-    codes = invert_photos(net, paths, batch_size, report)
+    codes = invert_photos(encode, paths, batch_size, report)
     save_latents(out, codes)
     names = out.with_name(f"{out.stem}_files.txt")
     with atomic_file(names) as tmp:
