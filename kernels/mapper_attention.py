@@ -1,9 +1,9 @@
 """Fused kernels for the FFCLIP mapper block (DESIGN §4 steps 2-5).
 
 Channel cross-attention (step 3) never writes the `[B, D, D]` matrix. A program owns `BLOCK_I` rows `i` of
-`A = softmax_j(K2[i,:] . Q2[:,j] / sqrt(D))`: a first sweep over `j` finds each row's maximum and normaliser (online
-softmax), a second sweep recomputes the scores and adds `m_i * A[i, j]` (`m = mean_L(V2)`) over its rows into one
-partial sum per `j`. The partial sums of the row blocks (`[B, D/BLOCK_I, D]`, fp32) are added by the next kernel,
+`A = softmax_j(K2[i,:] . Q2[:,j] / sqrt(D))` in the centred form of DESIGN §4: a first sweep over `j` sums
+`expm1` of each row's centred scores (shifted only where `exp` would overflow), a second sweep recomputes the scores
+and adds `m_i * (A[i, j] - 1/D)` (`m = mean_L(V2)`) over its rows into one partial sum per `j`. The partial sums of the row blocks (`[B, D/BLOCK_I, D]`, fp32) are added by the next kernel,
 which keeps the result deterministic without atomics. `K2` may be given whole (`[B, D, L]`) or, as in the released
 mapper, as its `Linear(1 -> L)` weight and the text embedding: `K2[b,i,l] = e[b,i] * w[l]` is then formed on load.
 
