@@ -37,6 +37,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 PROMPT_SETS = ("faces", "released")
 EMBEDDING_RESIZES = ("bicubic", "antialiased")
+TRAIN_DTYPES = ("float32", "float64")
 TRAIN_STATE_FORMAT = "ffclip-train-state-2"
 
 
@@ -53,7 +54,8 @@ def prompt_set(name: str) -> tuple[str, ...]:
 class TrainConfig:
     """Hyper-parameters; defaults follow FFCLIP's released configuration. `batch_size` is the global batch, split
     over the processes of a distributed run. The identity and background weights apply when their networks are given.
-    `val_every` > 0 validates on held-out latents that often and keeps the best mapper."""
+    `val_every` > 0 validates on held-out latents that often and keeps the best mapper. `dtype` "float64" trains every
+    stage in double precision, the reference for checking numerics."""
 
     steps: int = 1000
     batch_size: int = 8
@@ -69,6 +71,7 @@ class TrainConfig:
     embedding_resize: str = "bicubic"
     save_every: int = 200
     val_every: int = 0
+    dtype: str = "float32"
     seed: int = 0
     truncation: float = 0.7
     prompts: tuple[str, ...] = field(default_factory=lambda: prompt_set("faces"))
@@ -160,16 +163,21 @@ class MapperTrainer:
                              f"use a multiple of {self.world_size}")
         if config.val_every and (val_latents is None or len(val_latents) == 0):
             raise InputError("validation needs held-out latents; give --val-latents, or --latents to hold some out")
+        if config.dtype not in TRAIN_DTYPES:
+            raise InputError(f"unknown training dtype {config.dtype!r}; choose one of {', '.join(TRAIN_DTYPES)}")
         self.device = torch.device(device)
+        self.dtype = getattr(torch, config.dtype)
         self.config = config
-        self.mapper = mapper.to(self.device).train().requires_grad_(True)
-        self.generator = generator.to(self.device).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
-        self.identity_net = _frozen(identity_net, self.device)
-        self.face_parser = _frozen(face_parser, self.device)
-        self.image_embedder = ClipImageEmbedder(text_encoder).to(self.device)
-        self.embedding_embedder = (self.image_embedder if config.embedding_resize == self.image_embedder.resize
-                                   else ClipImageEmbedder(text_encoder, config.embedding_resize).to(self.device))
+        self.mapper = mapper.to(self.device, self.dtype).train().requires_grad_(True)
+        self.generator = _frozen(generator, self.device, self.dtype)
+        self.text_encoder = _frozen(text_encoder, self.device, self.dtype)
+        self.identity_net = _frozen(identity_net, self.device, self.dtype)
+        self.face_parser = _frozen(face_parser, self.device, self.dtype)
+        self.image_embedder = ClipImageEmbedder(text_encoder).to(self.device, self.dtype)
+        self.embedding_embedder = (
+            self.image_embedder if config.embedding_resize == self.image_embedder.resize
+            else ClipImageEmbedder(text_encoder, config.embedding_resize).to(self.device, self.dtype)
+        )
         self.model = self.mapper
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -193,9 +201,9 @@ class MapperTrainer:
         else:
             z = torch.randn(b, self.generator.config.style_dim, generator=self._torch_rng)
             with torch.no_grad():
-                w = self.generator.mapping(z.to(self.device), self.config.truncation)
+                w = self.generator.mapping(z.to(self.device, self.dtype), self.config.truncation)
         prompt_idx = torch.tensor([self._rng.randrange(len(self.config.prompts)) for _ in range(b)])
-        return w.to(self.device), self._text_embeddings[prompt_idx.to(self._text_embeddings.device)]
+        return w.to(self.device, self.dtype), self._text_embeddings[prompt_idx.to(self._text_embeddings.device)]
 
     def _losses(self, w: torch.Tensor, e: torch.Tensor, mapper: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """The weighted total and the vector (clip, latent, embedding, total, identity, background) of one batch."""
@@ -250,7 +258,7 @@ class MapperTrainer:
         pairs = (torch.arange(n) % len(self.config.prompts)).to(self._text_embeddings.device)
         total = 0.0
         for start in range(0, n, b):
-            w = self.val_latents[start:start + b].to(self.device)
+            w = self.val_latents[start:start + b].to(self.device, self.dtype)
             loss, _ = self._losses(w, self._text_embeddings[pairs[start:start + b]], self.mapper)
             total += loss.item() * len(w)
         self.mapper.train()
@@ -360,8 +368,8 @@ def _mapper_of_an_earlier_save(folder: Path, state: dict) -> dict:
     return {"mapper_config": bundle.config, "mapper": bundle.state_dict}
 
 
-def _frozen(module: torch.nn.Module | None, device: torch.device) -> torch.nn.Module | None:
-    return None if module is None else module.to(device).eval().requires_grad_(False)
+def _frozen(module: torch.nn.Module | None, device: torch.device, dtype: torch.dtype) -> torch.nn.Module | None:
+    return None if module is None else module.to(device, dtype).eval().requires_grad_(False)
 
 
 def plot_losses(

@@ -16,7 +16,7 @@ from ffclip.training import MapperTrainer, StepLosses, TrainConfig, plot_losses,
 TINY_CLIP = TINY.text
 
 
-def tiny_trainer(steps=12, **overrides):
+def tiny_trainer(steps=12, held_out=0, **overrides):
     generator = build_generator(GeneratorConfig(resolution=16, style_dim=512, n_mlp=2,
                                                 channels={"4": 16, "8": 12, "16": 8}), seed=1)
     text = build_text_encoder(TINY_CLIP, seed=2, vision=True)
@@ -24,7 +24,8 @@ def tiny_trainer(steps=12, **overrides):
     latents = generator.mapping(torch.randn(2, 512, generator=torch.Generator().manual_seed(4)), 0.7)
     settings = {"steps": steps, "batch_size": 2, "save_every": 5, "prompts": ("blond hair",), **overrides}
     config = TrainConfig(**settings)
-    return MapperTrainer(mapper, generator, text, config, latents=latents)
+    return MapperTrainer(mapper, generator, text, config, latents=latents,
+                         val_latents=latents[:held_out] if held_out else None)
 
 
 def test_step_decay_points():

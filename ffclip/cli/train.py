@@ -9,7 +9,7 @@ import click
 import torch
 
 from ..errors import InputError
-from ..training import EMBEDDING_RESIZES, PROMPT_SETS, prompt_set
+from ..training import EMBEDDING_RESIZES, PROMPT_SETS, TRAIN_DTYPES, prompt_set
 from .options import StageSources, stage_options
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -62,6 +62,9 @@ _WEIGHT = click.FloatRange(0)
               help="Held-out latents for validation (default: the last --val-split of --latents, held out).")
 @click.option("--val-split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
               show_default=True, help="Share of --latents held out for validation when --val-latents is not given.")
+@click.option("--dtype", type=click.Choice(TRAIN_DTYPES), default="float32", show_default=True,
+              help="Precision of every stage during training; float64 (slow) is the reference for checking numerics, "
+              "a distributed run against one process for instance.")
 @click.option("--truncation", type=click.FloatRange(0, 1), default=0.7, show_default=True,
               help="Truncation psi of the latents sampled from the generator (unused with --latents).")
 @click.option("--init-mapper/--fresh-mapper", default=False, show_default=True,
@@ -91,6 +94,7 @@ def train(
     val_every: int,
     val_latents: Path | None,
     val_split: float,
+    dtype: str,
     truncation: float,
     init_mapper: bool,
     resume: bool,
@@ -149,7 +153,8 @@ def train(
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, save_every=save_every, seed=seed, prompts=prompts,
                          lambda_clip=lambda_clip, lambda_latent=lambda_latent, lambda_embedding=lambda_embedding,
                          lambda_identity=lambda_identity, lambda_background=lambda_background,
-                         embedding_resize=embedding_resize, val_every=val_every, truncation=truncation)
+                         embedding_resize=embedding_resize, val_every=val_every, dtype=dtype,
+                         truncation=truncation)
     trainer = MapperTrainer(mapper, generator, text_encoder, config, latents=w, device=dev, identity_net=identity,
                             face_parser=parser, val_latents=held_out)
     first = trainer.rank == 0
