@@ -14,7 +14,6 @@ only among formats that are data (`DATA_ARTIFACTS`), never TorchScript archives 
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 import threading
@@ -36,6 +35,7 @@ from .artifacts import (
     check_encoder_fits,
     compute_precision,
     read_manifest,
+    stage_tensors,
 )
 from .checkpoints.bundle import load_module
 from .devices import resolve_device
@@ -193,9 +193,7 @@ class Runtime:
         """Invert photos with the in-memory `encoder` (eager, computing in `precision`) from now on, in place of the
         folder's encoder stage; `InputError` naming `where` unless its latents fit the generator."""
         check_encoder_fits(encoder, self.num_ws, self.embed_dim, where)
-        f32 = functools.partial(TensorInfo, dtype="float32")
-        tensors = ((f32("images", shape=("batch", 3, PHOTO_SIZE, PHOTO_SIZE)),),
-                   (f32("w", shape=("batch", self.num_ws, self.embed_dim)),))
+        tensors = stage_tensors({**self.model, "photo_size": PHOTO_SIZE})["encoder"]
         old, self._engines["encoder"] = self._engines.get("encoder"), eager_engine("encoder", tensors, encoder,
                                                                                     self._device, precision)
         if old is not None:
