@@ -19,6 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cli_runner import run_cli
 from export_fixtures import TINY
 
 from ffclip.checkpoints import save_module
@@ -27,6 +28,7 @@ from ffclip.cli.train import train
 from ffclip.config import GeneratorConfig
 from ffclip.factory import build_generator, build_text_encoder
 from ffclip.latents import sample_latents, save_latents
+from ffclip.training import prompt_set
 
 
 def stage_files(folder: Path) -> list[str]:
@@ -83,3 +85,47 @@ def test_two_processes_follow_one_and_resume(tmp_path):
         histories.append(torch.tensor(state["history"], dtype=torch.float64))
     assert len(histories[1]) == 3
     torch.testing.assert_close(histories[1], histories[0], rtol=1e-4, atol=1e-12)
+
+
+def test_the_identity_net_and_face_parser_files_switch_their_losses_on(tmp_path, monkeypatch, capsys):
+    import ffclip.checkpoints
+    from test_train_losses import Embed, Parse
+
+    opened = []
+
+    def opener(net):
+        def load(path, device="cpu"):
+            opened.append(Path(path).name)
+            return net
+        return load
+
+    monkeypatch.setattr(ffclip.checkpoints, "load_identity_net", opener(Embed()))
+    monkeypatch.setattr(ffclip.checkpoints, "load_face_parser", opener(Parse()))
+    for name in ("model_ir_se50.pth", "parsenet.pth"):
+        (tmp_path / name).write_bytes(b"stand-in")
+    args = [a for a in stage_files(tmp_path) if a not in ("--prompts", str(tmp_path / "prompts.txt"))]
+    code, _, err = run_cli(monkeypatch, capsys, "train", *args, "--steps", "1", "--out", tmp_path / "run",
+                           "--id-net", tmp_path / "model_ir_se50.pth", "--face-parser", tmp_path / "parsenet.pth",
+                           "--prompt-set", "released", "--dtype", "float32")
+    assert code == 0, err
+    assert opened == ["model_ir_se50.pth", "parsenet.pth"]
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
+    assert state["history"][0][4] > 0 and state["history"][0][5] > 0 and len(state["validation"]) == 1
+    config = load_bundle(tmp_path / "run" / "mapper.safetensors").extra["train_config"]
+    assert (config["lambda_identity"], config["lambda_background"]) == (0.9, 2.0)
+    assert tuple(config["prompts"]) == prompt_set("released")
+    assert (tmp_path / "run" / "best_mapper.safetensors").exists()
+
+
+@pytest.mark.parametrize("given, fragment", [
+    (["--lambda-identity", "0.5"], "--lambda-identity 0.5 needs --id-net"),
+    (["--lambda-background", "1"], "--lambda-background 1 needs --face-parser"),
+    (["--prompt-set", "released", "--prompts", "PROMPTS"], "choose one"),
+    (["--val-every", "2"], "--val-latents"),
+])
+def test_bad_training_options_are_one_line(tmp_path, monkeypatch, capsys, given, fragment):
+    (tmp_path / "prompts.txt").write_text("blond hair\n")
+    given = [str(tmp_path / "prompts.txt") if a == "PROMPTS" else a for a in given]
+    code, _, err = run_cli(monkeypatch, capsys, "train", *given, "--out", tmp_path / "run", "--device", "cpu")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
