@@ -253,6 +253,8 @@ class MapperTrainer:
     def validate(self) -> float:
         """Mean weighted loss over the held-out latents, latent i paired with prompt i mod the number of prompts (the
         same pairs every time)."""
+        if self.val_latents is None:
+            raise InputError("no held-out latents to validate on; give val_latents")
         self.mapper.eval()
         n, b = len(self.val_latents), self.config.batch_size
         pairs = (torch.arange(n) % len(self.config.prompts)).to(self._text_embeddings.device)
