@@ -40,7 +40,7 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
     from ..factory import default_source
     from ..devices import resolve_device
     from ..export.exporter import ExportFailed, ExportOptions, check_replaceable, export_artifacts
-    from ..artifacts import sha256
+    from ..artifacts import check_encoder_fits, sha256
 
     console = Console(stderr=True)
     options = ExportOptions(
@@ -76,6 +76,9 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
         described["encoder"] = {"path": str(encoder), "sha256": sha256(encoder)}
     console.print(f"loading the stages (preset {sources.preset})")
     modules = sources.load("cpu")
+    if photo_encoder is not None:
+        generator = modules[2]
+        check_encoder_fits(photo_encoder, generator.num_ws, generator.config.style_dim, f"--encoder {encoder}")
     try:
         report = export_artifacts(modules, out, options, preset=sources.preset, sources=described,
                                   progress=lambda message: console.print(f"  {message}"), force=force,
