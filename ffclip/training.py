@@ -214,7 +214,8 @@ class MapperTrainer:
         w_edit = mapper(w, e)
         x_hat = self.generator.synthesis(w_edit)
         edited = self.image_embedder(x_hat)
-        edited_for_embedding = edited if self.embedding_embedder is self.image_embedder else self.embedding_embedder(x_hat)
+        same_resize = self.embedding_embedder is self.image_embedder
+        edited_for_embedding = edited if same_resize else self.embedding_embedder(x_hat)
         zero = x_hat.new_zeros(())
         clip_loss = (1 - F.cosine_similarity(edited, e, dim=-1)).mean()
         latent_loss = (w_edit - w).abs().mean()
@@ -306,8 +307,8 @@ class MapperTrainer:
                                "train_config": _jsonable(asdict(self.config))})
 
     def resume(self, folder: str | os.PathLike) -> None:
-        """Continue from the `train_state.pt` that `save` wrote: mapper weights, optimiser state, step, loss history
-        and random streams."""
+        """Continue from the `train_state.pt` that `save` wrote: mapper weights, optimiser state, step, loss history,
+        validation record and random streams."""
         path = Path(folder) / "train_state.pt"
         try:
             state = load_torch_file(path)

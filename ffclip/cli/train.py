@@ -9,7 +9,7 @@ import click
 import torch
 
 from ..errors import InputError
-from ..training import EMBEDDING_RESIZES, PROMPT_SETS, TRAIN_DTYPES, prompt_set
+from ..training import EMBEDDING_RESIZES, PROMPT_SETS, TRAIN_DTYPES, TrainConfig, prompt_set
 from .options import StageSources, stage_options
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -21,12 +21,12 @@ _WEIGHT = click.FloatRange(0)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts/train"),
               show_default=True, help="Folder for mapper.safetensors, train_state.pt, best_mapper.safetensors and "
               "loss.png.")
-@click.option("--steps", type=click.IntRange(1), default=1000, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
+@click.option("--steps", type=click.IntRange(1), default=TrainConfig.steps, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=TrainConfig.batch_size, show_default=True,
               help="The global batch; under torchrun it is split over the processes (a multiple of their number).")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=5e-4, show_default=True,
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=TrainConfig.lr, show_default=True,
               help="Adam's learning rate, halved at 50, 75, 90 and 95% of --steps.")
-@click.option("--save-every", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--save-every", type=click.IntRange(1), default=TrainConfig.save_every, show_default=True)
 @click.option("--latents", type=_FILE, default=None,
               help="Training latents [N,L,512] (.npy/.pt): e4e inversions of face photos, as `ffclip invert` writes "
               "them, are the intended source. Without it latents are sampled from the generator.")
@@ -36,41 +36,41 @@ _WEIGHT = click.FloatRange(0)
               help="A packaged prompt list instead of --prompts: 'faces' (the default, built-in face edits) or "
               "'released' (FFCLIP's training descriptions: emotions, ages, hair colours and styles, eyes, glasses, "
               "make-up...).")
-@click.option("--lambda-clip", type=_WEIGHT, default=1.0, show_default=True,
+@click.option("--lambda-clip", type=_WEIGHT, default=TrainConfig.lambda_clip, show_default=True,
               help="Weight of the CLIP loss (edited image against its prompt).")
-@click.option("--lambda-latent", type=_WEIGHT, default=1.6, show_default=True,
+@click.option("--lambda-latent", type=_WEIGHT, default=TrainConfig.lambda_latent, show_default=True,
               help="Weight of the L1 distance between the edited and the original latents.")
-@click.option("--lambda-embedding", type=_WEIGHT, default=1.0, show_default=True,
+@click.option("--lambda-embedding", type=_WEIGHT, default=TrainConfig.lambda_embedding, show_default=True,
               help="Weight of the L1 distance between the CLIP image embeddings of the edited and original images.")
-@click.option("--embedding-resize", type=click.Choice(EMBEDDING_RESIZES), default="bicubic",
+@click.option("--embedding-resize", type=click.Choice(EMBEDDING_RESIZES), default=TrainConfig.embedding_resize,
               show_default=True, help="How the embedding loss brings images to CLIP's size: bicubic (as released) or "
               "antialiased bilinear (as the CLIP loss does).")
 @click.option("--id-net", type=_FILE, default=None,
               help="ArcFace IR-SE50 (model_ir_se50.pth) for the identity loss; without it that loss is off.")
 @click.option("--lambda-identity", type=_WEIGHT, default=None,
               help="Weight of the identity loss (1 - cosine of the ArcFace embeddings of the two faces)  "
-              "[default: 0.9 with --id-net]")
+              f"[default: {TrainConfig.lambda_identity} with --id-net]")
 @click.option("--face-parser", type=_FILE, default=None,
               help="FFCLIP's face-parsing UNet (parsenet.pth) for the background loss; without it that loss is off.")
 @click.option("--lambda-background", type=_WEIGHT, default=None,
               help="Weight of the background loss (squared difference outside the hair both images' parses find)  "
-              "[default: 2.0 with --face-parser]")
-@click.option("--val-every", type=click.IntRange(0), default=0, show_default=True,
+              f"[default: {TrainConfig.lambda_background} with --face-parser]")
+@click.option("--val-every", type=click.IntRange(0), default=TrainConfig.val_every, show_default=True,
               help="Validate every N steps (and at the end) and keep the best mapper in best_mapper.safetensors; "
               "0: no validation.")
 @click.option("--val-latents", type=_FILE, default=None,
               help="Held-out latents for validation (default: the last --val-split of --latents, held out).")
 @click.option("--val-split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
               show_default=True, help="Share of --latents held out for validation when --val-latents is not given.")
-@click.option("--dtype", type=click.Choice(TRAIN_DTYPES), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(TRAIN_DTYPES), default=TrainConfig.dtype, show_default=True,
               help="Precision of every stage during training; float64 (slow) is the reference for checking numerics, "
               "a distributed run against one process for instance.")
-@click.option("--truncation", type=click.FloatRange(0, 1), default=0.7, show_default=True,
+@click.option("--truncation", type=click.FloatRange(0, 1), default=TrainConfig.truncation, show_default=True,
               help="Truncation psi of the latents sampled from the generator (unused with --latents).")
 @click.option("--init-mapper/--fresh-mapper", default=False, show_default=True,
               help="Start from --mapper's weights rather than a fresh initialisation.")
 @click.option("--resume", is_flag=True, help="Continue from the state saved in --out.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
 @click.option("--device", default="auto", show_default=True,
               help="cpu, cuda, cuda:N or auto; under torchrun each process takes the GPU its LOCAL_RANK names.")
 def train(
@@ -123,12 +123,13 @@ def train(
     from ..factory import build_mapper
     from ..latents import load_latents
     from ..outputs import check_output_folder
-    from ..training import MapperTrainer, TrainConfig, plot_losses, start_distributed
+    from ..training import MapperTrainer, plot_losses, start_distributed
 
     check_output_folder(out, "--out")
     prompts = _prompts(prompts_file, prompt_set_name)
-    lambda_identity = _weight("--lambda-identity", lambda_identity, 0.9, id_net, "--id-net (model_ir_se50.pth)")
-    lambda_background = _weight("--lambda-background", lambda_background, 2.0, face_parser,
+    lambda_identity = _weight("--lambda-identity", lambda_identity, TrainConfig.lambda_identity, id_net,
+                              "--id-net (model_ir_se50.pth)")
+    lambda_background = _weight("--lambda-background", lambda_background, TrainConfig.lambda_background, face_parser,
                                 "--face-parser (parsenet.pth)")
     if resume and not (out / "train_state.pt").exists():
         raise InputError(f"--resume: {out} holds no train_state.pt; run once without --resume first")
@@ -148,7 +149,8 @@ def train(
     if val_every and held_out is None:
         w, held_out = _hold_out(w, val_split, latents)
     identity = load_identity_net(id_net, device=str(dev)) if id_net is not None and lambda_identity > 0 else None
-    parser = load_face_parser(face_parser, device=str(dev)) if face_parser is not None and lambda_background > 0 else None
+    parser = (load_face_parser(face_parser, device=str(dev)) if face_parser is not None and lambda_background > 0
+              else None)
 
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, save_every=save_every, seed=seed, prompts=prompts,
                          lambda_clip=lambda_clip, lambda_latent=lambda_latent, lambda_embedding=lambda_embedding,
