@@ -23,7 +23,7 @@ from ffclip.outputs import check_output_folder
 
 from ffclip.benchmarks.backends import BACKENDS, PRECISIONS, STAGES
 from ffclip.benchmarks.report import FORMAT, FORMAT_VERSION, compare, compare_table, load_results, markdown, rich_tables, write_results
-from ffclip.benchmarks.runner import Benchmark, Settings
+from ffclip.benchmarks.runner import DEFAULT_ACCURACY_NUM, Benchmark, Settings
 
 
 def parse_names(value: str, known: tuple[str, ...], option: str) -> tuple[str, ...]:
@@ -57,7 +57,8 @@ def _compare(paths: tuple[Path, Path]) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=DEFAULT_PRESET, show_default=True,
-              help="Models to benchmark (seeded random weights; timing does not depend on training).")
+              help="Models to benchmark (world: the trained shapes world, whose edits are judged; timing does not "
+                   "depend on training).")
 @click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Exported artifact folder for the runtime backends; without it the benchmark exports its own.")
 @click.option("--backends", default=",".join(BACKENDS), show_default=True,
@@ -76,6 +77,10 @@ def _compare(paths: tuple[Path, Path]) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads of each worker (torch.set_num_threads) [default: torch's choice]; OpenVINO follows it, "
                    "ONNX Runtime keeps its own pool of one thread per core.")
+@click.option("--accuracy-num", "accuracy_num", type=click.IntRange(min=0), default=DEFAULT_ACCURACY_NUM,
+              show_default=True,
+              help="Originals of the shapes world whose edits the judge reads back for the edit accuracy column of "
+                   "each backend and precision (world preset, with the edit stage); 0 turns it off.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: artifacts/bench/<preset>-<device>-<time>].")
@@ -89,11 +94,11 @@ def _compare(paths: tuple[Path, Path]) -> None:
                    "1/8/32, the whole edit, TensorRT graph replay) into --out: gpu_check.json and gpu_check.md.")
 @click.option("--dry-run", "dry_run", is_flag=True, help="With --gpu-check: the same checks on the CPU at tiny shapes.")
 def bench(preset: str, artifacts: Path | None, backends: str, stages: str, batch: str | None, precision: str,
-          warmup: int | None, iters: int | None, budget: float, threads: int | None, device: str, out: Path | None,
-          compare_paths: tuple[Path, Path] | None, serve_load: bool, gpu_check: bool, dry_run: bool) -> None:
-    """Compare backends on every stage: median/p90/p99 latency, throughput, peak memory and the error against
-    eager fp32 on the same inputs. Each backend runs in its own process. Writes results.json, results.md and
-    latency.png."""
+          warmup: int | None, iters: int | None, budget: float, threads: int | None, accuracy_num: int, device: str,
+          out: Path | None, compare_paths: tuple[Path, Path] | None, serve_load: bool, gpu_check: bool, dry_run: bool) -> None:
+    """Compare backends on every stage: median/p90/p99 latency, throughput, peak memory, the error against
+    eager fp32 on the same inputs and, on the world preset, the judged edit accuracy. Each backend runs in its own
+    process. Writes results.json, results.md and latency.png."""
     if dry_run and not gpu_check:
         raise InputError("--dry-run goes with --gpu-check")
     if gpu_check:
@@ -121,6 +126,7 @@ def bench(preset: str, artifacts: Path | None, backends: str, stages: str, batch
         budget_s=budget,
         threads=threads,
         artifacts=artifacts,
+        accuracy_num=accuracy_num,
     )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = out or Path("artifacts") / "bench" / f"{preset}-{resolved.type}-{stamp}"
@@ -194,6 +200,7 @@ def run(settings: Settings, out: Path) -> dict[str, Any]:
         "settings": settings.to_dict(),
         "machine": machine,
         "rows": rows,
+        "accuracy": benchmark.accuracy(),
     }
     paths = write_results(results, out)
     console = Console()

@@ -22,9 +22,10 @@ KEY = ("stage", "backend", "precision", "batch")
 LEGEND = (
     "items/s: prompts (text), latents (mapper) or images (generator, edit) per second at the median latency; "
     "max err: max |output - eager fp32 output| on the same inputs (for fp16 and bf16 generator and edit rows, the image "
-    "error against float32, images in [-1, 1]: one uint8 level is 7.8e-3); floor: max |eager fp32 - eager fp64| (text and "
-    "mapper), the rounding noise a correct fp32 path shows; % peak: GFLOP/s (convolutions and matrix products of the "
-    "eager stage, per item, times items/s) over the CPU's estimated fp32 peak; mem: {memory}."
+    "error against float32, images in [-1, 1]: one uint8 level is 7.8e-3); floor: max |eager fp32 - eager fp64| on the "
+    "same inputs (the edit's float64 runs the whole chain from the prompts), the rounding noise a correct fp32 path "
+    "shows; % peak: GFLOP/s (convolutions and matrix products of the eager stage, per item, times items/s) over the "
+    "CPU's estimated fp32 peak; mem: {memory}."
 )
 
 
@@ -81,7 +82,7 @@ def unmeasured(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 MEASURED_HEADER = ("stage", "backend", "prec", "batch", "median ms", "p90 ms", "p99 ms", "n", "items/s", "% peak",
-                   "mem MiB", "max err", "floor")
+                   "mem MiB", "max err", "floor", "edit acc %")
 
 
 def measured_cells(row: dict[str, Any]) -> tuple[str, ...]:
@@ -92,6 +93,7 @@ def measured_cells(row: dict[str, Any]) -> tuple[str, ...]:
         fmt_ms(row["p90_ms"]), fmt_ms(row["p99_ms"]), str(row["n"]), fmt_rate(row["throughput"]),
         "-" if row.get("peak_frac") is None else f"{100 * row['peak_frac']:.1f}",
         "-" if row["memory_mib"] is None else f"{row['memory_mib']:.1f}", error, fmt_error(row.get("floor")),
+        "-" if row.get("edit_accuracy") is None else f"{row['edit_accuracy']:.1f}",
     )
 
 
@@ -132,12 +134,28 @@ def _peak(peak: dict[str, Any] | None) -> str:
 
 
 def legend(results: dict[str, Any]) -> str:
-    """What the throughput, error and memory columns mean in this run."""
+    """What the throughput, error, memory and edit accuracy columns mean in this run."""
     kinds = sorted({r["memory_kind"] for r in results["rows"] if r.get("memory_kind")})
     memory = " / ".join(kinds) or "n/a"
     if "rss growth" in kinds:
         memory += " (resident-set growth of the worker process over its size before the cell)"
-    return LEGEND.format(memory=memory)
+    return " ".join([LEGEND.format(memory=memory), *accuracy_notes(results)])
+
+
+def accuracy_notes(results: dict[str, Any]) -> list[str]:
+    """What the edit accuracy column holds in this run, or why it shows "-", and the backends it failed on."""
+    accuracy = results.get("accuracy")
+    if not accuracy:  # a file written before the column existed
+        return []
+    if accuracy["skipped"]:
+        return [f"edit acc %: not judged ({accuracy['skipped']})."]
+    seconds = sum(accuracy["seconds"].values())
+    notes = [f"edit acc %: the share of edits that reach the value asked, as ffclip.world.judge reads it from the "
+             f"pixels, mean over the four attributes; each valid one of {accuracy['num']} seeded originals (seed "
+             f"{accuracy['seed']}) is edited once per attribute towards a value it lacks, in {accuracy['split']} "
+             f"phrasings; judged once per backend and precision and shown on its edit rows ({seconds:.0f} s in all)."]
+    notes += [f"The edits of {name} were not judged: {reason}." for name, reason in accuracy["failures"].items()]
+    return notes
 
 
 def markdown(results: dict[str, Any]) -> str:

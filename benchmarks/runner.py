@@ -28,8 +28,13 @@ ROW_FIELDS = (
     "stage", "backend", "precision", "batch", "status", "reason", "n",
     "median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput", "gflops", "peak_frac", "memory_mib",
     "memory_kind",
-    "max_abs_err", "floor",
+    "max_abs_err", "floor", "edit_accuracy",
 )
+# the edit accuracy column: the shapes world's judge (`ffclip.world.evaluate.edit_accuracy`) on phrasings no stage
+# trained on, on seeded originals, once per backend and precision
+ACCURACY_SEED = 0
+ACCURACY_SPLIT = "held-out"
+DEFAULT_ACCURACY_NUM = 32
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class Settings:
     budget_s: float
     threads: int | None = None
     artifacts: Path | None = None
+    accuracy_num: int = DEFAULT_ACCURACY_NUM
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -86,6 +92,17 @@ def plan(settings: Settings) -> tuple[dict[str, list[Cell]], list[dict[str, Any]
                     else:
                         skipped.append(cell.row("skipped", reason))
     return runnable, skipped
+
+
+def unjudged_reason(settings: Settings) -> str | None:
+    """Why the run's edits get no edit accuracy, or None when every backend and precision is judged."""
+    if settings.accuracy_num == 0:
+        return "--accuracy-num 0"
+    if settings.preset != "world":
+        return f"the judge reads the shapes world's pictures, and the {settings.preset} preset draws other ones"
+    if "edit" not in settings.stages:
+        return "it judges the edit stage, which this run does not benchmark"
+    return None
 
 
 Progress = Callable[[str, int], None]
@@ -160,6 +177,10 @@ class Benchmark:
         self.progress = progress
         self.machine: dict[str, Any] = {}
         self.runnable, self.skipped = plan(settings)
+        self.judged = unjudged_reason(settings) is None
+        # seconds the judge took, and why it failed, per "backend precision"
+        self.judge_seconds: dict[str, float] = {}
+        self.judge_failures: dict[str, str] = {}
         self.given: dict[str, Any] | None = None
         if settings.artifacts is not None:
             from ffclip.artifacts import read_manifest
@@ -176,9 +197,18 @@ class Benchmark:
 
     @property
     def total_steps(self) -> int:
-        """Progress steps: the reference job, every export, and every runnable cell."""
+        """Progress steps: the reference job, every export, every runnable cell and every judged backend and
+        precision."""
         cells = sum(len(cells) for cells in self.runnable.values())
-        return 1 + len(self._exports_needed()) + cells if cells else 0
+        judged = sum(len({c.precision for c in cells}) for cells in self.runnable.values()) if self.judged else 0
+        return 1 + len(self._exports_needed()) + cells + judged if cells else 0
+
+    def accuracy(self) -> dict[str, Any]:
+        """How the edit accuracy column was judged: originals, seed, phrasings, why it was not (`skipped`), the
+        judge's seconds per backend and precision, and the failures."""
+        s = self.settings
+        return {"num": s.accuracy_num, "seed": ACCURACY_SEED, "split": ACCURACY_SPLIT,
+                "skipped": unjudged_reason(s), "seconds": self.judge_seconds, "failures": self.judge_failures}
 
     def _job(self, mode: str, **extra: Any) -> dict[str, Any]:
         s = self.settings
@@ -193,6 +223,7 @@ class Benchmark:
             "budget_s": s.budget_s,
             "threads": s.threads,
             "artifacts": str(s.artifacts) if s.artifacts else None,
+            "accuracy_num": s.accuracy_num if self.judged else 0,
             **extra,
         }
 
@@ -263,7 +294,8 @@ class Benchmark:
     def _time(
         self, backend: str, precision: str, cells: list[Cell], reference: Path, artifacts: Path | None, folder: Path
     ) -> list[dict[str, Any]]:
-        """Run one backend's cells at one precision in a fresh worker; cells it never reported become error rows."""
+        """Run one backend's cells at one precision in a fresh worker; cells it never reported become error rows.
+        When the run is judged, the worker then judges the backend's edits and every edit row gets the accuracy."""
         job = self._job(
             "time",
             backend=backend,
@@ -273,14 +305,36 @@ class Benchmark:
             cells=[asdict(c) for c in cells],
         )
         rows: list[dict[str, Any]] = []
-        self.progress(f"{backend} {precision}: starting", 0)
+        name = f"{backend} {precision}"
+        self.progress(f"{name}: starting", 0)
+        judged = False
         try:
             for event in run_worker(job, folder, f"{backend}-{precision}"):
+                if event["type"] == "accuracy":
+                    judged = True
+                    self._judged(name, event, rows)
+                    continue
                 rows.append(event["row"])
-                self.progress(f"{backend} {precision} {event['row']['stage']} b{event['row']['batch']}", 1)
+                self.progress(f"{name} {event['row']['stage']} b{event['row']['batch']}", 1)
+                if self.judged and len(rows) == len(cells):
+                    self.progress(f"{name}: judging the edits of {self.settings.accuracy_num} originals", 0)
         except WorkerFailed as exc:
             done = {(r["stage"], r["batch"]) for r in rows}
             missing = [c for c in cells if (c.stage, c.batch) not in done]
             rows.extend(c.row("error", f"worker failed: {exc}") for c in missing)
-            self.progress(f"{backend} {precision}", len(missing))
+            if self.judged and not judged and not missing:
+                self.judge_failures[name] = f"worker failed: {exc}"
+            self.progress(name, len(missing))
+        if self.judged and not judged:  # a backend that did not start or a worker that died is not judged
+            self.progress(name, 1)
         return rows
+
+    def _judged(self, name: str, event: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        """Record one accuracy event of backend and precision `name`: the percentage on its edit rows."""
+        self.judge_seconds[name] = event["seconds"]
+        if event["reason"] is not None:
+            self.judge_failures[name] = event["reason"]
+        for row in rows:
+            if row["stage"] == "edit" and row["status"] == "ok":
+                row["edit_accuracy"] = event["percent"]
+        self.progress(f"{name}: judged", 1)

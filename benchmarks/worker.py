@@ -6,7 +6,8 @@ Jobs (a JSON object, `mode` says which):
   latents, text embeddings) for the largest batch, the eager fp32 output of every stage and batch and the fp64 floors,
   and save them with `torch.save` to `output`.
 - `export`: export the preset's stages to `output` in `formats` at `precision` with `ffclip.export`.
-- `time`: time `cells` of one backend at one precision against the reference file.
+- `time`: time `cells` of one backend at one precision against the reference file; with `accuracy_num`, then judge
+  the backend's edits of that many originals of the shapes world (an `accuracy` event).
 
 Events go to the original stdout as JSON lines; anything else the libraries print is sent to stderr.
 """
@@ -17,6 +18,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +33,7 @@ from ffclip.runtime import Runtime
 
 from ffclip.benchmarks.backends import EXPORTED_STAGES, build_modules, call, module_stages, open_stages, stage_flops
 from ffclip.benchmarks.machine import cpu_fp32_peak, machine_info
-from ffclip.benchmarks.runner import Cell
+from ffclip.benchmarks.runner import ACCURACY_SEED, ACCURACY_SPLIT, Cell
 from ffclip.benchmarks.timing import PeakMemory, release_freed_memory, summarize, time_calls
 
 PROMPTS = (
@@ -64,25 +66,35 @@ def prompts_for(batch: int) -> list[str]:
     return [f"{PROMPTS[i % len(PROMPTS)]}, variant {i // len(PROMPTS)}" for i in range(batch)]
 
 
+FLOAT64_ROWS = 8  # rows per float64 call, so a large generator at a large batch fits in memory
+
+
 @torch.inference_mode()
 def fp64_floors(
     modules: tuple[Any, Any, Any], reference: dict[str, Any], job: dict[str, Any], device: torch.device
 ) -> dict[str, float]:
-    """max |eager fp32 - eager fp64| of the text and mapper stages: the rounding noise any correct fp32 path shows
-    (the seeded random mapper amplifies it strongly)."""
-    text64, mapper64 = (float64_referee(m) for m in modules[:2])
+    """max |eager fp32 - eager fp64| of every stage and batch: the rounding noise any correct fp32 path shows. The
+    float64 edit runs the whole chain from the prompts; float64 runs once on the rows of the largest batch, and each
+    batch is compared with its leading rows."""
+    text64, mapper64, generator64 = (float64_referee(m) for m in modules)
+    inputs = batch_inputs(reference, max(job["batches"]), device)
+    tokens = modules[0].tokenize(inputs["prompts"]).to(device)
+    w = inputs["latents"]
+
+    def exact(stage: str, rows: slice) -> torch.Tensor:
+        if stage == "text":
+            return text64(tokens[rows])
+        if stage == "mapper":
+            return mapper64(w[rows], inputs["embeddings"][rows])
+        if stage == "generator":
+            return generator64(w[rows])
+        return generator64(mapper64(w[rows], text64(tokens[rows])))
+
     floors = {}
-    for batch in job["batches"]:
-        inputs = batch_inputs(reference, batch, device)
-        for stage in ("text", "mapper"):
-            key = f"{stage}/{batch}"
-            if stage not in job["stages"] or key not in reference["outputs"]:
-                continue
-            if stage == "text":
-                exact = text64(modules[0].tokenize(inputs["prompts"]).to(device))
-            else:
-                exact = mapper64(inputs["latents"], inputs["embeddings"])
-            floors[key] = errors(reference["outputs"][key], exact)[0]
+    for stage in job["stages"]:
+        full = torch.cat([exact(stage, slice(i, i + FLOAT64_ROWS)).cpu() for i in range(0, len(w), FLOAT64_ROWS)])
+        for batch in job["batches"]:
+            floors[f"{stage}/{batch}"] = errors(reference["outputs"][f"{stage}/{batch}"], full[:batch])[0]
     return floors
 
 
@@ -179,8 +191,25 @@ def measure(
     )
 
 
+def judge_edits(stages: Runtime, num: int) -> dict[str, Any]:
+    """An `accuracy` event: the edit accuracy of `stages` in percent (`ffclip.world.evaluate.edit_accuracy` on `num`
+    originals), the seconds it took, and why it failed (then the percentage is None)."""
+    from ffclip.world.evaluate import edit_accuracy
+
+    started = time.perf_counter()
+    percent, reason = None, None
+    try:
+        percent = 100 * edit_accuracy(stages, num=num, seed=ACCURACY_SEED, split=ACCURACY_SPLIT)
+    except Exception as exc:  # reported in the event, so the timed rows stay
+        traceback.print_exc()
+        reason = _failure(exc)
+    return {"type": "accuracy", "percent": percent, "seconds": round(time.perf_counter() - started, 2),
+            "reason": reason}
+
+
 def time_cells(job: dict[str, Any], emit: Emit) -> None:
-    """Measure every cell of the job's backend, one row event per cell; a cell's failure does not stop the rest."""
+    """Measure every cell of the job's backend, one row event per cell; a cell's failure does not stop the rest.
+    With `accuracy_num`, then one `accuracy` event."""
     device = torch.device(job["device"])
     cells = [Cell(**c) for c in job["cells"]]
     reference = torch.load(job["reference"], map_location="cpu", weights_only=True, mmap=True)
@@ -204,6 +233,8 @@ def time_cells(job: dict[str, Any], emit: Emit) -> None:
                 traceback.print_exc()
                 row = cell.row("error", _failure(exc))
             emit({"type": "row", "row": row})
+        if job.get("accuracy_num"):
+            emit(judge_edits(stages, job["accuracy_num"]))
 
 
 MODES: dict[str, Callable[[dict[str, Any], Emit], None]] = {

@@ -134,10 +134,11 @@ def test_a_failing_worker_reports_its_last_error_line(tmp_path):
         list(run_worker({"mode": "no-such-mode"}, tmp_path, "bad"))
 
 
-def test_tiny_run_writes_results_and_lists_unavailable_backends(tmp_path, capsys):
+def test_tiny_run_writes_results_judges_edits_and_lists_unavailable_backends(tmp_path, capsys):
     out = tmp_path / "bench"
-    args = ["--preset", "random", "--stages", "mapper", "--batch", "1", "--iters", "2", "--warmup", "1", "--device", "cpu",
-            "--backends", "eager,tensorrt,triton", "--precision", "fp32,fp16", "--out", str(out)]
+    args = ["--preset", "world", "--stages", "mapper,edit", "--batch", "1", "--iters", "2", "--warmup", "1",
+            "--device", "cpu", "--backends", "eager,tensorrt,triton", "--precision", "fp32,fp16", "--accuracy-num", "4",
+            "--out", str(out)]
     with pytest.raises(SystemExit) as exit_info:
         _bench_main(args)
     assert exit_info.value.code in (0, None), capsys.readouterr().err
@@ -146,8 +147,8 @@ def test_tiny_run_writes_results_and_lists_unavailable_backends(tmp_path, capsys
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = report.load_results(out / "results.json")
     assert results["machine"]["cpu"] and results["machine"]["versions"]["torch"] == torch.__version__.split("+")[0]
-    rows = {(r["backend"], r["precision"]): r for r in results["rows"]}
-    assert len(results["rows"]) == 6
+    rows = {(r["backend"], r["precision"]): r for r in results["rows"] if r["stage"] == "mapper"}
+    assert len(results["rows"]) == 12
 
     eager = rows["eager", "fp32"]
     assert eager["status"] == "ok" and eager["n"] == 2
@@ -166,4 +167,15 @@ def test_tiny_run_writes_results_and_lists_unavailable_backends(tmp_path, capsys
 
     markdown = (out / "results.md").read_text()
     assert "| mapper | eager | fp32 | 1 |" in markdown and tensorrt["reason"] in markdown
+
+    # the world's judge reads the edits back: a percentage on the edit row, judged once per backend and precision
+    edit = next(r for r in results["rows"] if (r["stage"], r["backend"], r["precision"]) == ("edit", "eager", "fp32"))
+    assert 0.0 <= edit["edit_accuracy"] <= 100.0 and eager["edit_accuracy"] is None
+    assert edit["floor"] is not None  # the whole edit in float64
+    accuracy = results["accuracy"]
+    assert (accuracy["num"], accuracy["split"], accuracy["skipped"], accuracy["failures"]) == (4, "held-out", None, {})
+    assert list(accuracy["seconds"]) == ["eager fp32"]
+    assert "| edit acc % |" in markdown and "in held-out phrasings" in markdown
+    edit_line = next(line for line in markdown.splitlines() if line.startswith("| edit | eager | fp32 | 1 |"))
+    assert edit_line.endswith(f"| {edit['edit_accuracy']:.1f} |")
     assert "mapper" in capsys.readouterr().out
