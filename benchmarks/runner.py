@@ -34,7 +34,7 @@ ROW_FIELDS = (
 # trained on, on seeded originals, once per backend and precision
 ACCURACY_SEED = 0
 ACCURACY_SPLIT = "held-out"
-DEFAULT_ACCURACY_NUM = 32
+DEFAULT_ACCURACY_NUM = 16
 
 
 @dataclass(frozen=True)
@@ -307,11 +307,11 @@ class Benchmark:
         rows: list[dict[str, Any]] = []
         name = f"{backend} {precision}"
         self.progress(f"{name}: starting", 0)
-        judged = False
+        accuracy_seen = False
         try:
             for event in run_worker(job, folder, f"{backend}-{precision}"):
                 if event["type"] == "accuracy":
-                    judged = True
+                    accuracy_seen = True
                     self._judged(name, event, rows)
                     continue
                 rows.append(event["row"])
@@ -322,10 +322,10 @@ class Benchmark:
             done = {(r["stage"], r["batch"]) for r in rows}
             missing = [c for c in cells if (c.stage, c.batch) not in done]
             rows.extend(c.row("error", f"worker failed: {exc}") for c in missing)
-            if self.judged and not judged and not missing:
+            if self.judged and not accuracy_seen and not missing:
                 self.judge_failures[name] = f"worker failed: {exc}"
             self.progress(name, len(missing))
-        if self.judged and not judged:  # a backend that did not start or a worker that died is not judged
+        if self.judged and not accuracy_seen:  # a backend that did not start or a worker that died is not judged
             self.progress(name, 1)
         return rows
 
