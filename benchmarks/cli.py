@@ -95,7 +95,8 @@ def _compare(paths: tuple[Path, Path]) -> None:
 @click.option("--dry-run", "dry_run", is_flag=True, help="With --gpu-check: the same checks on the CPU at tiny shapes.")
 def bench(preset: str, artifacts: Path | None, backends: str, stages: str, batch: str | None, precision: str,
           warmup: int | None, iters: int | None, budget: float, threads: int | None, accuracy_num: int, device: str,
-          out: Path | None, compare_paths: tuple[Path, Path] | None, serve_load: bool, gpu_check: bool, dry_run: bool) -> None:
+          out: Path | None, compare_paths: tuple[Path, Path] | None, serve_load: bool, gpu_check: bool,
+          dry_run: bool) -> None:
     """Compare backends on every stage: median/p90/p99 latency, throughput, peak memory, the error against
     eager fp32 on the same inputs and, on the world preset, the judged edit accuracy. Each backend runs in its own
     process. Writes results.json, results.md and latency.png."""

@@ -21,11 +21,11 @@ FORMAT_VERSION = 1
 KEY = ("stage", "backend", "precision", "batch")
 LEGEND = (
     "items/s: prompts (text), latents (mapper) or images (generator, edit) per second at the median latency; "
-    "max err: max |output - eager fp32 output| on the same inputs (for fp16 and bf16 generator and edit rows, the image "
-    "error against float32, images in [-1, 1]: one uint8 level is 7.8e-3); floor: max |eager fp32 - eager fp64| on the "
-    "same inputs (the edit's float64 runs the whole chain from the prompts), the rounding noise a correct fp32 path "
-    "shows; % peak: GFLOP/s (convolutions and matrix products of the eager stage, per item, times items/s) over the "
-    "CPU's estimated fp32 peak; mem: {memory}."
+    "max err: max |output - eager fp32 output| on the same inputs (for fp16 and bf16 generator and edit rows, the "
+    "image error against float32, images in [-1, 1]: one uint8 level is 7.8e-3); floor: max |eager fp32 - eager fp64| "
+    "on the same inputs (the edit's float64 runs the whole chain from the prompts), the rounding noise a correct fp32 "
+    "path shows; % peak: GFLOP/s (convolutions and matrix products of the eager stage, per item, times items/s) over "
+    "the CPU's estimated fp32 peak; mem: {memory}."
 )
 
 

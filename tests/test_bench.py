@@ -137,7 +137,7 @@ def test_a_failing_worker_reports_its_last_error_line(tmp_path):
 def test_tiny_run_writes_results_judges_edits_and_lists_unavailable_backends(tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["--preset", "world", "--stages", "mapper,edit", "--batch", "1", "--iters", "2", "--warmup", "1",
-            "--device", "cpu", "--backends", "eager,tensorrt,triton", "--precision", "fp32,fp16", "--accuracy-num", "4",
+            "--device", "cpu", "--backends", "eager,tensorrt,triton", "--precision", "fp32,fp16", "--accuracy-num", "2",
             "--out", str(out)]
     with pytest.raises(SystemExit) as exit_info:
         _bench_main(args)
@@ -173,7 +173,7 @@ def test_tiny_run_writes_results_judges_edits_and_lists_unavailable_backends(tmp
     assert 0.0 <= edit["edit_accuracy"] <= 100.0 and eager["edit_accuracy"] is None
     assert edit["floor"] is not None  # the whole edit in float64
     accuracy = results["accuracy"]
-    assert (accuracy["num"], accuracy["split"], accuracy["skipped"], accuracy["failures"]) == (4, "held-out", None, {})
+    assert (accuracy["num"], accuracy["split"], accuracy["skipped"], accuracy["failures"]) == (2, "held-out", None, {})
     assert list(accuracy["seconds"]) == ["eager fp32"]
     assert "| edit acc % |" in markdown and "in held-out phrasings" in markdown
     edit_line = next(line for line in markdown.splitlines() if line.startswith("| edit | eager | fp32 | 1 |"))

@@ -1,4 +1,5 @@
-"""ffclip-bench's edit accuracy column: the shapes world's judge on each backend's edits, "-" with a reason elsewhere."""
+"""ffclip-bench's edit accuracy column: the shapes world's judge on each backend's edits; "-" and the reason
+elsewhere."""
 
 import torch
 
@@ -35,10 +36,10 @@ class SceneEditor:
 
 
 def test_the_judge_scores_exact_edits_full_and_unedited_pictures_zero():
-    exact = judge_edits(SceneEditor(), num=6)
+    exact = judge_edits(SceneEditor(), num=4)
     assert exact["type"] == "accuracy" and exact["percent"] == 100.0 and exact["reason"] is None
     assert exact["seconds"] >= 0
-    assert judge_edits(SceneEditor(broken=True), num=6)["percent"] == 0.0
+    assert judge_edits(SceneEditor(broken=True), num=4)["percent"] == 0.0
     failed = judge_edits(SceneEditor(failing=True), num=2)
     assert failed["percent"] is None and "the engine fell over" in failed["reason"]
 
