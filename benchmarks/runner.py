@@ -34,7 +34,7 @@ ROW_FIELDS = (
 # trained on, on seeded originals, once per backend and precision
 ACCURACY_SEED = 0
 ACCURACY_SPLIT = "held-out"
-DEFAULT_ACCURACY_NUM = 16
+DEFAULT_ACCURACY_NUM = 32
 
 
 @dataclass(frozen=True)
