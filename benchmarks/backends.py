@@ -55,6 +55,12 @@ def skip_reason(backend: str, precision: str, device: torch.device) -> str | Non
         return "the exported ONNX files are fp32 graphs; reduced precision is built by TensorRT"
     if backend == "compile" and device.type == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
         return "torch.compile on the CPU needs a C++ compiler and none was found"
+    if backend == "openvino":
+        from ffclip.export.openvino_export import openvino_skip_reason
+
+        reason = openvino_skip_reason(precision)  # the exporter builds no openvino files then
+        if reason is not None:
+            return reason
     if backend in RUNTIME_BACKENDS:
         return _engine_reason(backend, device)
     return None

@@ -8,6 +8,7 @@ import torch
 from cli_runner import run_bench as _bench_main
 
 from ffclip.benchmarks import report
+from ffclip.benchmarks.backends import skip_reason
 from ffclip.benchmarks.runner import Cell, Settings, WorkerFailed, plan, run_worker
 from ffclip.benchmarks.timing import PeakMemory, percentile, summarize, time_calls
 
@@ -56,6 +57,14 @@ def test_plan_skips_what_cannot_run_here_with_a_reason():
     runnable, skipped = plan(settings)
     assert runnable == {"eager": [Cell("mapper", "eager", "fp32", 1), Cell("mapper", "eager", "fp32", 8)]}
     assert len(skipped) == 2 * 3 * 2 - 2 and all(r["status"] == "skipped" and r["reason"] for r in skipped)
+
+
+def test_openvino_is_skipped_where_the_exporter_builds_no_openvino_files():
+    from ffclip.export.openvino_export import openvino_skip_reason
+
+    cpu = torch.device("cpu")
+    assert skip_reason("openvino", "bf16", cpu) == openvino_skip_reason("bf16")
+    assert skip_reason("openvino", "fp16", cpu) is not None
 
 
 def _results(rows):
