@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -30,6 +30,7 @@ from ffclip.atomic import atomic_file
 from ffclip.errors import FfclipError, summarize as summarize_error
 from ffclip.export.parity import errors, float64_referee
 from ffclip.runtime import Runtime
+from ffclip.world.evaluate import Editor, edit_accuracy
 
 from ffclip.benchmarks.backends import EXPORTED_STAGES, build_modules, call, module_stages, open_stages, stage_flops
 from ffclip.benchmarks.machine import cpu_fp32_peak, machine_info
@@ -191,18 +192,43 @@ def measure(
     )
 
 
-def judge_edits(stages: Runtime, num: int) -> dict[str, Any]:
-    """An `accuracy` event: the edit accuracy of `stages` in percent (`ffclip.world.evaluate.edit_accuracy` on `num`
-    originals), the seconds it took, and why it failed (then the percentage is None)."""
-    from ffclip.world.evaluate import edit_accuracy
+class ChunkedEditor:
+    """`stages` as an editor that runs `rows` rows per call, the last chunk padded with copies of its last row: the
+    judge's edits are computed at the batch size the backend was timed at (torch.compile reuses its graph)."""
 
+    def __init__(self, stages: Runtime, rows: int):
+        self.stages, self.rows = stages, rows
+
+    def sample_latents(self, num: int, seed: int = 0, truncation: float = 1.0) -> torch.Tensor:
+        return self.stages.sample_latents(num, seed, truncation)
+
+    def synthesize(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._chunked(latents, [""] * len(latents), lambda w, _: self.stages.synthesize(w))
+
+    def edit(self, latents: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
+        prompts = [prompts] * len(latents) if isinstance(prompts, str) else list(prompts)
+        return self._chunked(latents, prompts, self.stages.edit)
+
+    def _chunked(self, latents: torch.Tensor, prompts: list[str],
+                 run: Callable[[torch.Tensor, list[str]], torch.Tensor]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(latents), self.rows):
+            w, p = latents[i : i + self.rows], prompts[i : i + self.rows]
+            pad = self.rows - len(w)
+            out.append(run(torch.cat([w, w[-1:].expand(pad, *w.shape[1:])]), p + p[-1:] * pad)[: len(w)])
+        return torch.cat(out)
+
+
+def judge_edits(editor: Editor, num: int) -> dict[str, Any]:
+    """An `accuracy` event: the edit accuracy of `editor` in percent (`ffclip.world.evaluate.edit_accuracy` on `num`
+    originals), the seconds it took, and why it failed (then the percentage is None)."""
     started = time.perf_counter()
     percent, reason = None, None
     threads = torch.get_num_threads()
     # the judge runs many tiny operations per picture: on a busy CPU, a second thread makes it ten times slower
     torch.set_num_threads(1)
     try:
-        percent = 100 * edit_accuracy(stages, num=num, seed=ACCURACY_SEED, split=ACCURACY_SPLIT)
+        percent = 100 * edit_accuracy(editor, num=num, seed=ACCURACY_SEED, split=ACCURACY_SPLIT)
     except Exception as exc:  # reported in the event, so the timed rows stay
         traceback.print_exc()
         reason = _failure(exc)
@@ -239,7 +265,7 @@ def time_cells(job: dict[str, Any], emit: Emit) -> None:
                 row = cell.row("error", _failure(exc))
             emit({"type": "row", "row": row})
         if job.get("accuracy_num"):
-            emit(judge_edits(stages, job["accuracy_num"]))
+            emit(judge_edits(ChunkedEditor(stages, max(job["batches"])), job["accuracy_num"]))
 
 
 MODES: dict[str, Callable[[dict[str, Any], Emit], None]] = {

@@ -5,7 +5,7 @@ import torch
 
 from ffclip.benchmarks import report
 from ffclip.benchmarks.runner import Cell, Settings, unjudged_reason
-from ffclip.benchmarks.worker import judge_edits
+from ffclip.benchmarks.worker import ChunkedEditor, judge_edits
 from ffclip.world.captions import SPLITS, all_edit_prompts
 from ffclip.world.scenes import render, render_uint8, sample_scenes
 
@@ -18,17 +18,20 @@ class SceneEditor:
         self.broken, self.failing = broken, failing
         self.requests = {p: (a, v) for split in SPLITS for p, a, v in all_edit_prompts(split)}
         self.scenes = []
+        self.batches = []
 
     def sample_latents(self, num, seed=0, truncation=1.0):
         self.scenes = sample_scenes(num, seed)
         return torch.arange(num, dtype=torch.float32)[:, None]
 
     def synthesize(self, latents):
+        self.batches.append(len(latents))
         return render([self.scenes[int(i)] for i in latents[:, 0]])
 
     def edit(self, latents, prompts):
         if self.failing:
             raise RuntimeError("the engine fell over")
+        self.batches.append(len(latents))
         scenes = [self.scenes[int(i)] for i in latents[:, 0]]
         if not self.broken:
             scenes = [s.replace(**dict([self.requests[p]])) for s, p in zip(scenes, prompts)]
@@ -42,6 +45,14 @@ def test_the_judge_scores_exact_edits_full_and_unedited_pictures_zero():
     assert judge_edits(SceneEditor(broken=True), num=4)["percent"] == 0.0
     failed = judge_edits(SceneEditor(failing=True), num=2)
     assert failed["percent"] is None and "the engine fell over" in failed["reason"]
+
+
+def test_the_judge_calls_the_backend_at_its_timed_batch_size():
+    editor = SceneEditor()
+    assert judge_edits(ChunkedEditor(editor, rows=3), num=4)["percent"] == 100.0  # padding rows are dropped
+    assert set(editor.batches) == {3}
+    broken = SceneEditor(broken=True)
+    assert judge_edits(ChunkedEditor(broken, rows=3), num=4)["percent"] == 0.0
 
 
 def _settings(preset="world", stages=("edit",), num=32):
