@@ -153,7 +153,8 @@ def accuracy_notes(results: dict[str, Any]) -> list[str]:
     notes = [f"edit acc %: the share of edits that reach the value asked, as ffclip.world.judge reads it from the "
              f"pixels, mean over the four attributes; each valid one of {accuracy['num']} seeded originals (seed "
              f"{accuracy['seed']}) is edited once per attribute towards a value it lacks, in {accuracy['split']} "
-             f"phrasings; judged once per backend and precision and shown on its edit rows ({seconds:.0f} s in all)."]
+             f"phrasings, at the run's largest batch; judged once per backend and precision and shown on its edit rows "
+             f"({seconds:.0f} s in all)."]
     notes += [f"The edits of {name} were not judged: {reason}." for name, reason in accuracy["failures"].items()]
     return notes
 
