@@ -22,13 +22,14 @@ from .stage import log
 
 # stage 3: the mapper, through ffclip-train; every value is passed explicitly
 MAPPER_TRAINING = {
-    "--steps": "2500",
+    "--steps": "1200",
     "--batch-size": "16",
     "--lr": "1e-3",
     "--save-every": "100",
     "--lambda-clip": "1.0",
-    "--lambda-latent": "0.3",
+    "--lambda-latent": "0.5",
     "--lambda-embedding": "0.005",
+    "--embedding-resize": "antialiased",
     "--truncation": "1.0",
     "--seed": "0",
 }
