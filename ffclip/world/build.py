@@ -27,7 +27,7 @@ MAPPER_TRAINING = {
     "--lr": "1e-3",
     "--save-every": "100",
     "--lambda-clip": "1.0",
-    "--lambda-latent": "0.5",
+    "--lambda-latent": "0.75",
     "--lambda-embedding": "0.005",
     "--embedding-resize": "antialiased",
     "--truncation": "1.0",
