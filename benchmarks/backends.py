@@ -112,7 +112,8 @@ def stage_flops(stages: Runtime, inputs: dict[str, Any], names: list[str] | tupl
 
 def build_modules(preset: str, device: torch.device, artifacts: Path | None = None) -> tuple[Any, Any, Any]:
     """(text encoder, mapper, generator) on `device`: the eager weights of an artifact folder when one is given (so
-    every backend runs the same weights), else `preset`'s seeded weights."""
+    every backend runs the same weights), else `preset`'s default weights: the trained ones it ships (the world's), or
+    seeded random ones."""
     if artifacts is not None:
         from ffclip.checkpoints.bundle import load_module
 
@@ -123,10 +124,9 @@ def build_modules(preset: str, device: torch.device, artifacts: Path | None = No
                 loaded.append(load_module(path))
         modules = tuple(loaded)
     else:
-        from ffclip.config import get_preset
-        from ffclip.factory import build_preset
+        from ffclip.checkpoints import load_generator, load_mapper, load_text_encoder
 
-        modules = build_preset(get_preset(preset))
+        modules = (load_text_encoder(preset=preset), load_mapper(preset=preset), load_generator(preset=preset))
     text_encoder, mapper, generator = modules
     return text_encoder.to(device), mapper.to(device), generator.to(device)
 
