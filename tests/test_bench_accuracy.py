@@ -79,3 +79,13 @@ def test_other_presets_show_a_dash_and_the_reason():
     markdown = report.markdown(results)
     assert "| edit | eager | fp32 | 1 |" in markdown and markdown.count("| - |") == 2  # % peak and edit acc %
     assert "edit acc %: not judged (the judge reads the shapes world's pictures, and the random preset" in markdown
+
+
+def test_the_world_preset_is_benchmarked_with_its_trained_weights():
+    from ffclip.benchmarks.backends import build_modules
+    from ffclip.checkpoints import load_generator, load_mapper
+
+    _, mapper, generator = build_modules("world", torch.device("cpu"))
+    for built, shipped in ((mapper, load_mapper(preset="world")), (generator, load_generator(preset="world"))):
+        expected = shipped.state_dict()
+        assert all(torch.equal(t, expected[k]) for k, t in built.state_dict().items())
