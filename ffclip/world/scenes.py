@@ -104,7 +104,9 @@ def _palette(attribute: str) -> torch.Tensor:
     return torch.tensor([spec()[attribute][v] for v in values(attribute)], dtype=torch.float32)
 
 
-def render_blend(weights: dict[str, torch.Tensor], dx: torch.Tensor, dy: torch.Tensor, supersample: int = 4) -> torch.Tensor:
+def render_blend(
+    weights: dict[str, torch.Tensor], dx: torch.Tensor, dy: torch.Tensor, supersample: int = 4
+) -> torch.Tensor:
     """Pictures whose attributes are blends of their values: `weights[a] [B, len(values(a))]` (rows summing to 1)
     mix the colours, and the outlines by the weights of shape and size together; `dx, dy [B]` are the centre offsets.
     float32 `[B, 3, R, R]` in [-1, 1]; one-hot weights draw the scenes exactly."""
