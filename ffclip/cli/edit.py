@@ -139,7 +139,8 @@ def edit(
     save_grid(out, columns if photos is None else [photos, *columns], titles)
     latents_path = save_latents(out.with_name(f"{out.stem}_latents.npy"), torch.stack(edited))
     click.echo(f"wrote {out} ({len(titles)} columns x {w.shape[0]} rows)")
-    click.echo(f"wrote {latents_path} (edited latents [prompts, batch, layers, 512])")
+    shape = ", ".join(str(n) for n in (len(prompts), *w.shape))
+    click.echo(f"wrote {latents_path} (edited latents [{shape}]: prompts, batch, layers, width)")
 
 
 def _open_stages(sources: StageSources, device: torch.device, artifacts: Path | None, backend: str):

@@ -41,7 +41,7 @@ from ..outputs import check_output_file
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    help="W+ codes to write (.npy, [photos, layers, 512], usable as --latents); the photo names go beside it as "
+    help="W+ codes to write (.npy, [photos, layers, width], usable as --latents); the photo names go beside it as "
     "<name>_files.txt, one per row.",
 )
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True, help="Photos per batch.")
