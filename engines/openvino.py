@@ -69,9 +69,10 @@ class OpenVinoEngine(StageEngine):
                     "re-export with --precision fp32"
                 )
         self._core = ov.Core()
-        weights = stage.entry.get("openvino", {}).get("weights", stage.files[self.artifact].removesuffix(".xml") + ".bin")
         # from the checked bytes of the IR and its weights, not from the paths
-        self._model = self._core.read_model(stage.read(self.folder, self.artifact), stage.read_listed(self.folder, weights))
+        model = stage.read(self.folder, self.artifact)
+        weights = stage.entry.get("openvino", {}).get("weights", stage.files[self.artifact].removesuffix(".xml") + ".bin")
+        self._model = self._core.read_model(model, stage.read_listed(self.folder, weights))
         self._threads = threads
         self._mode = mode
         self._compile_lock = threading.Lock()

@@ -53,6 +53,9 @@ def stage_seed(preset: Preset, stage: str) -> int:
 
 def default_source(preset: Preset, stage: str) -> dict[str, str]:
     """How an export's manifest names the source of a stage built from `preset`'s embedded default."""
+    bundle = preset.weights_file(stage)
+    if bundle is not None:
+        return {"embedded_default": f"trained weights of preset {preset.name} ({bundle.name})"}
     return {"embedded_default": f"embedded default of preset {preset.name}, seed {stage_seed(preset, stage)}"}
 
 

@@ -124,6 +124,15 @@ def test_changed_weights_file_is_refused(folder, tmp_path):
         Runtime.load(copy, "openvino", "cpu")
 
 
+def test_a_stage_without_openvino_files_is_one_line(folder):
+    import dataclasses
+
+    info = StageInfo.from_manifest(read_manifest(folder), "mapper")
+    info = dataclasses.replace(info, files={k: v for k, v in info.files.items() if k != "openvino"})
+    with pytest.raises(ArtifactError, match="no openvino artifact for the mapper stage; re-export"):
+        OpenVinoEngine(folder, info, torch.device("cpu"))
+
+
 def test_openvino_serves_only_the_cpu():
     assert "cpu" in OpenVinoEngine.availability(torch.device("cuda"))
     assert OpenVinoEngine.availability(torch.device("cpu")) is None
