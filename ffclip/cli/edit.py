@@ -7,10 +7,9 @@ from pathlib import Path
 import click
 import torch
 
-from ..artifacts import BACKENDS
 from ..errors import InputError
 from ..outputs import check_output_file
-from .options import StageSources, folder_preset, stage_options
+from .options import StageSources, artifact_options, folder_preset, stage_options
 
 
 def _say(message: str) -> None:
@@ -59,19 +58,7 @@ def _say(message: str) -> None:
     help="Grid PNG to write; edited latents go beside it as <name>_latents.npy.",
 )
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option(
-    "--artifacts",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Serve the edit from an ffclip-export folder instead of the checkpoints.",
-)
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", *BACKENDS]),
-    default="auto",
-    show_default=True,
-    help="Backend for --artifacts.",
-)
+@artifact_options("Serve the edit from an ffclip-export folder instead of the checkpoints.")
 def edit(
     sources: StageSources,
     prompts: tuple[str, ...],

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import StageSources, stage_options
+from .options import StageSources, artifact_options, stage_options
 
 
 def report(preset: str = "world", num: int = 128, seed: int = 0, truncation: float = 1.0, stages=None) -> None:
@@ -34,10 +34,7 @@ def report(preset: str = "world", num: int = 128, seed: int = 0, truncation: flo
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the originals, targets and phrasings.")
 @click.option("--truncation", type=click.FloatRange(0, 1), default=1.0, show_default=True, help="Truncation psi.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Judge an ffclip-export folder instead of the checkpoints.")
-@click.option("--backend", type=click.Choice(["auto", "eager", "torchscript", "onnxruntime", "tensorrt", "triton"]),
-              default="auto", show_default=True, help="Backend for --artifacts.")
+@artifact_options("Judge an ffclip-export folder instead of the checkpoints.")
 def eval_world(sources: StageSources, num: int, seed: int, truncation: float, device: str, artifacts: Path | None,
                backend: str) -> None:
     """Judge the shapes world: valid originals, and edits on seen and held-out phrasings."""

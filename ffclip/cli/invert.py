@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..artifacts import BACKENDS
 from ..errors import InputError
 from ..outputs import check_output_file
+from .options import artifact_options
 
 
 @click.command()
@@ -24,19 +24,8 @@ from ..outputs import check_output_file
     default=None,
     help="e4e checkpoint, e.g. e4e_ffhq_encode.pt (or give --artifacts).",
 )
-@click.option(
-    "--artifacts",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Invert with the encoder stage of an ffclip-export folder (exported with --encoder) instead of --encoder.",
-)
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", *BACKENDS]),
-    default="auto",
-    show_default=True,
-    help="Backend for --artifacts.",
-)
+@artifact_options("Invert with the encoder stage of an ffclip-export folder (exported with --encoder) instead of "
+                  "--encoder.")
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from ..artifacts import BACKENDS
 from ..config import DEFAULT_PRESET, PRESETS, get_preset
 from ..errors import InputError
 
@@ -51,6 +52,18 @@ def _file(help_text: str) -> Callable:
         default=None,
         help=" ".join(help_text.split()[1:]),
     )
+
+
+def artifact_options(artifacts_help: str) -> Callable[[Callable], Callable]:
+    """Add --artifacts (an ffclip-export folder, described by `artifacts_help`) and --backend to a command."""
+
+    def add(command: Callable) -> Callable:
+        command = click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
+                               help="Backend for --artifacts.")(command)
+        return click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                            help=artifacts_help)(command)
+
+    return add
 
 
 def stage_options(command: Callable) -> Callable:

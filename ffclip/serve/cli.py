@@ -9,8 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..cli.options import StageSources, stage_options
-from ..artifacts import BACKENDS
+from ..cli.options import StageSources, artifact_options, stage_options
 from ..errors import FfclipError, InputError, summarize
 from .editor import ServeConfig
 
@@ -23,10 +22,7 @@ def _say(message: str) -> None:
 
 @click.command()
 @stage_options
-@click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Serve an ffclip-export folder instead of the checkpoints (default: the embedded default).")
-@click.option("--backend", type=click.Choice(["auto", *BACKENDS]),
-              default="auto", show_default=True, help="Backend for --artifacts.")
+@artifact_options("Serve an ffclip-export folder instead of the checkpoints (default: the embedded default).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to listen on.")
