@@ -169,7 +169,7 @@ def test_tiny_clip_and_mapper_training(tmp_path):
     from ffclip.world.clip_training import ClipTraining, train_clip
 
     generator_config, text_config = _tiny_configs()
-    training = ClipTraining(steps=2, batch_size=8, pool_size=32, save_every=1)
+    training = ClipTraining(steps=2, batch_size=8, pool_size=32, save_every=1, off_spec_from=1)
     encoder = train_clip(text_config, training, tmp_path / "clip")
     assert torch.load(tmp_path / "clip" / "state.pt", weights_only=False)["step"] == 2
     assert encoder.has_vision and encoder.encode(["a red circle"]).shape == (1, 16)

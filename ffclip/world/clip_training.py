@@ -132,7 +132,7 @@ def train_clip(config: TextConfig, training: ClipTraining, folder: str | os.Path
         tokens = insert_random_tokens(tokens, noisy, torch_rng)
         images = pool_images[picked].permute(0, 3, 1, 2).float() / 127.5 - 1
         images = images + training.image_noise * torch.randn(images.shape, generator=torch_rng)
-        n_off = training.off_spec_images if i >= training.off_spec_from else 0
+        n_off = min(training.off_spec_images, len(scenes)) if i >= training.off_spec_from else 0
         if n_off:
             images = torch.cat([images, off_spec(scenes[:n_off], torch_rng)])
         image_emb = torch.nn.functional.normalize(embedder(images), dim=-1)
