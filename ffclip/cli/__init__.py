@@ -34,7 +34,7 @@ HELP = {
     "train": "Train a mapper.",
     "serve": "Serve edits over HTTP on Ray Serve, with a web editor.",
     "eval-world": "Judge the shapes world: valid pictures and edit accuracy, read from pixels.",
-    "invert": "Invert aligned face photos to W+ latents with the e4e encoder.",
+    "invert": "Invert face photos to W+ latents with the e4e encoder (--align aligns them first).",
 }
 
 

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import InputError
 from ..outputs import check_output_file
-from .options import StageSources, artifact_options, folder_preset, stage_options
+from .options import StageSources, align_option, artifact_options, folder_preset, open_aligner, stage_options
 
 
 def _say(message: str) -> None:
@@ -30,9 +30,10 @@ def _say(message: str) -> None:
     "images",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Aligned face photo to edit (repeat for several); inverted with --encoder, or with the encoder stage of "
-    "--artifacts.",
+    help="Face photo to edit (repeat for several), aligned as FFHQ was unless --align is given; inverted with "
+    "--encoder, or with the encoder stage of --artifacts.",
 )
+@align_option
 @click.option(
     "--encoder",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -64,6 +65,7 @@ def edit(
     prompts: tuple[str, ...],
     latents: Path | None,
     images: tuple[Path, ...],
+    align: Path | None,
     encoder: Path | None,
     seed: int,
     num: int,
@@ -88,6 +90,8 @@ def edit(
         raise InputError("--image and --latents exclude each other: edit either photos or latents")
     if encoder is not None and not images:
         raise InputError("--encoder inverts the --image photos; give --image, or leave --encoder out")
+    if align is not None and not images:
+        raise InputError("--align aligns the --image photos; give --image, or leave --align out")
     if images and encoder is None and artifacts is None:
         raise InputError("--image needs an encoder to invert the photos: give --encoder e4e_ffhq_encode.pt, or "
                          "--artifacts with a folder exported with --encoder")
@@ -97,6 +101,7 @@ def edit(
 
         for image in images:
             check_photo(image)
+        aligner = open_aligner(align)
     if encoder is not None:
         from ..checkpoints import load_encoder
 
@@ -107,7 +112,7 @@ def edit(
     photos = None
     if images:
         _say(f"inverting {len(images)} photo(s) with {encoder or f'the encoder stage of {artifacts}'}")
-        w, photos = photo_latents(stages.invert, images, stages.resolution)
+        w, photos = photo_latents(stages.invert, images, stages.resolution, aligner)
     elif latents:
         w = load_latents(latents, stages.num_ws, stages.embed_dim)
     else:

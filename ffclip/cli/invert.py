@@ -1,4 +1,5 @@
-"""`ffclip invert`: W+ codes for a folder of aligned face photos, with the e4e encoder, as one `.npy` file."""
+"""`ffclip invert`: W+ codes for a folder of face photos (aligned, or aligned here with --align), with the e4e encoder,
+as one `.npy` file."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import click
 
 from ..errors import InputError
 from ..outputs import check_output_file
-from .options import artifact_options
+from .options import align_option, artifact_options, open_aligner
 
 
 @click.command()
@@ -16,8 +17,9 @@ from .options import artifact_options
     "--images",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     required=True,
-    help="Folder of aligned face photos (PNG, JPEG, ...), read in name order.",
+    help="Folder of face photos (PNG, JPEG, ...), read in name order; aligned as FFHQ was unless --align is given.",
 )
+@align_option
 @click.option(
     "--encoder",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -35,9 +37,9 @@ from .options import artifact_options
 )
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True, help="Photos per batch.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-def invert(images: Path, encoder: Path | None, artifacts: Path | None, backend: str, out: Path, batch_size: int,
-           device: str) -> None:
-    """Invert aligned face photos to W+ latent codes with the e4e encoder."""
+def invert(images: Path, align: Path | None, encoder: Path | None, artifacts: Path | None, backend: str, out: Path,
+           batch_size: int, device: str) -> None:
+    """Invert face photos to W+ latent codes with the e4e encoder."""
     import torch
 
     from ..atomic import atomic_file
@@ -53,6 +55,7 @@ def invert(images: Path, encoder: Path | None, artifacts: Path | None, backend: 
         raise InputError(f"--out {out}: the codes are written as .npy; give a file name ending in .npy")
     check_output_file(out, "--out")
     paths = list_photos(images)
+    aligner = open_aligner(align)
     dev = resolve_device(device)
     if encoder is not None:
         from ..checkpoints import load_encoder
@@ -71,7 +74,7 @@ def invert(images: Path, encoder: Path | None, artifacts: Path | None, backend: 
     def report(done: int, total: int) -> None:
         click.echo(f"inverted {done}/{total} photos", err=True)
 
-    codes = invert_photos(encode, paths, batch_size, report)
+    codes = invert_photos(encode, paths, batch_size, report, aligner)
     save_latents(out, codes)
     names = out.with_name(f"{out.stem}_files.txt")
     with atomic_file(names) as tmp:

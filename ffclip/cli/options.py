@@ -1,5 +1,5 @@
-"""Options shared by the commands that load the three stages (edit, export, train, serve), and the check of --preset
-against the preset an artifact folder was exported from."""
+"""Options shared by the commands that load the three stages (edit, export, train, serve), the check of --preset
+against the preset an artifact folder was exported from, and the --align option of the commands that read photos."""
 
 from __future__ import annotations
 
@@ -64,6 +64,28 @@ def artifact_options(artifacts_help: str) -> Callable[[Callable], Callable]:
                             help=artifacts_help)(command)
 
     return add
+
+
+def align_option(command: Callable) -> Callable:
+    """Add --align LANDMARK_MODEL (a path, checked when it is opened so that every problem is one line)."""
+    return click.option(
+        "--align",
+        type=click.Path(path_type=Path),
+        default=None,
+        metavar="LANDMARK_MODEL",
+        help="Align each photo's face the way FFHQ was aligned, with this landmark model: a dlib "
+        "shape_predictor_68_face_landmarks.dat (pip install 'ffclip[align-dlib]') or a MediaPipe "
+        "face_landmarker.task (pip install 'ffclip[align-mediapipe]'). Without it the photos must be aligned already.",
+    )(command)
+
+
+def open_aligner(model: Path | None):
+    """The `FaceAligner` for --align `model` (None without it); it says on stderr when a photo holds several faces."""
+    if model is None:
+        return None
+    from ..align import FaceAligner, open_landmarks
+
+    return FaceAligner(open_landmarks(model), note=lambda message: click.echo(f"note: {message}", err=True))
 
 
 def stage_options(command: Callable) -> Callable:
