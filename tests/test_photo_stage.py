@@ -1,13 +1,17 @@
 """The photo encoder as the optional fourth stage: exported beside the three edit stages, held to float64 at export,
 served by every backend's `Runtime.invert`, and a photo edited from one folder.
 
-The encoder is e4e's released layout with two style heads (the generator is 4 px, two style inputs) and reads
-32 px photos, so one export stays within seconds; the IR-SE-50 body is the released one.
+The encoder is e4e's layout with two style heads (the generator is 4 px, two style inputs) and reads 32 px photos,
+and its IR-SE body is shortened to five units (`SHORT_BODY`: two in the first stage, so both kinds of shortcut
+appear, and one in each other stage) holding the released tensors of the units they stand for; the mapper has one
+block. So the export of four stages stays within seconds. The released 24-unit body is held to its reference in
+test_photo_nets.py.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -15,10 +19,10 @@ import pytest
 import torch
 from cli_runner import run_cli as run
 from export_fixtures import TINY
+from filelock import FileLock
 from PIL import Image
 
 from ffclip.artifacts import MANIFEST, ArtifactError, read_manifest, write_manifest
-from ffclip.checkpoints.photo import encoder_from_checkpoint
 from ffclip.config import GeneratorConfig, MapperConfig
 from ffclip.errors import InputError
 from ffclip.export.exporter import ExportOptions, export_artifacts
@@ -31,9 +35,12 @@ from ffclip.runtime import Runtime
 from reference_photo_models import e4e_weights
 from test_cli import assert_user_error
 
-PRESET = replace(TINY, generator=GeneratorConfig(resolution=4, channels={"4": 32}), mapper=MapperConfig(num_ws=2))
+PRESET = replace(TINY, generator=GeneratorConfig(resolution=4, channels={"4": 32}),
+                 mapper=MapperConfig(num_ws=2, num_blocks=1))
 NUM_WS = 2
 SIZE = 32
+SHORT_BODY = (2, 1, 1, 1)
+RELEASED_UNITS = (0, 1, 3, 7, 21)  # the released body's units the short one takes (the same widths and strides)
 OPTIONS = ExportOptions(formats=("onnx", "torchscript"), min_batch=2, opt_batch=2, max_batch=2, photo_size=SIZE)
 # every backend against the folder's eager encoder, relative to the largest |w|: float32 graphs of the same maths
 BACKEND_TOLERANCE = 1e-5
@@ -43,18 +50,39 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
-pytestmark = pytest.mark.slow  # one export of the released IR-SE-50 body
+pytestmark = pytest.mark.slow  # one export of four stages
+
+
+def short_encoder() -> Encoder4Editing:
+    """The encoder with `SHORT_BODY`, its tensors those of a released-layout e4e checkpoint (units renumbered)."""
+    state = {k.removeprefix("encoder."): v for k, v in e4e_weights(NUM_WS, seed=3).items()}
+    for new, old in enumerate(RELEASED_UNITS):
+        state.update({k.replace(f"body.{old}.", f"body.{new}.", 1): v for k, v in state.items()
+                      if k.startswith(f"body.{old}.")})
+    state = {k: v for k, v in state.items() if not k.startswith("body.") or int(k.split(".")[1]) < len(RELEASED_UNITS)}
+    state["latent_avg"] = torch.randn(512, generator=torch.Generator().manual_seed(4)).expand(NUM_WS, 512)
+    with torch.device("meta"):
+        encoder = Encoder4Editing(EncoderConfig(NUM_WS, SHORT_BODY))
+    encoder.load_state_dict(state, strict=True, assign=True)
+    return encoder.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    gen = torch.Generator().manual_seed(4)
-    checkpoint = {"state_dict": e4e_weights(NUM_WS, seed=3), "latent_avg": torch.randn(512, generator=gen), "opts": {}}
-    encoder = encoder_from_checkpoint(checkpoint, "e4e.pt")
-    modules = build_preset(PRESET)
-    folder = tmp_path_factory.mktemp("photo") / "artifacts"
-    report = export_artifacts(modules, folder, OPTIONS, preset="tiny", sources={}, encoder=encoder)
-    return folder, report, encoder, modules
+    """The exported folder, each stage's and format's export status, the encoder and the three stages. The folder is
+    exported once per run: pytest-xdist's processes (`make test`) share it through a folder of the run and a lock."""
+    encoder, modules = short_encoder(), build_preset(PRESET)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each process's own
+    with FileLock(shared / "photo_stage.lock"):
+        folder, statuses = shared / "photo_stage" / "artifacts", shared / "photo_stage" / "statuses.json"
+        if not statuses.is_file():
+            folder.parent.mkdir(exist_ok=True)
+            report = export_artifacts(modules, folder, OPTIONS, preset="tiny", sources={}, encoder=encoder)
+            statuses.write_text(json.dumps([[o.stage, o.format, o.status] for o in report.outcomes]))
+        status = {(stage, fmt): value for stage, fmt, value in json.loads(statuses.read_text())}
+    return folder, status, encoder, modules
 
 
 def uint8_photos(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -62,9 +90,8 @@ def uint8_photos(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor
 
 
 def test_encoder_stage_is_built_listed_hashed_and_held_to_float64(exported):
-    folder, report, _, _ = exported
-    by = {(o.stage, o.format): o for o in report.outcomes}
-    assert by["encoder", "onnx"].status == by["encoder", "torchscript"].status == "built"
+    folder, status, _, _ = exported
+    assert status["encoder", "onnx"] == status["encoder", "torchscript"] == "built"
     manifest = read_manifest(folder)
     assert manifest["model"]["photo_size"] == SIZE
     entry = manifest["stages"]["encoder"]

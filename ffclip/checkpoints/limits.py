@@ -17,7 +17,7 @@ from ..models.encoder import EncoderConfig
 from ..models.face_parser import FaceParserConfig
 from ..models.identity import IdentityConfig
 
-PHOTO_CONFIGS = (EncoderConfig, IdentityConfig, FaceParserConfig)  # sizes only, all checked as widths
+PHOTO_CONFIGS = (EncoderConfig, IdentityConfig, FaceParserConfig)  # sizes checked as widths, counts as depths
 
 MAX_WIDTH = 2**14
 MAX_DEPTH = 64
@@ -57,7 +57,10 @@ def check_config(config: GeneratorConfig | MapperConfig | TextConfig | EncoderCo
         _size("mapper", "num_blocks", config.num_blocks, MAX_DEPTH)
     elif isinstance(config, PHOTO_CONFIGS):
         for field in dataclasses.fields(config):
-            _size(type(config).__name__, field.name, getattr(config, field.name), MAX_WIDTH)
+            value = getattr(config, field.name)
+            for i, item in enumerate(value) if isinstance(value, tuple) else [(None, value)]:
+                name = field.name if i is None else f"{field.name}[{i}]"
+                _size(type(config).__name__, name, item, MAX_WIDTH if i is None else MAX_DEPTH)
     else:
         _size("text encoder", "embed_dim", config.embed_dim, MAX_WIDTH)
         _clip_dict("text_cfg", config.text_cfg)

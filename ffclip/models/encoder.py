@@ -27,9 +27,15 @@ _HEAD_SPATIAL = (16, 32, 64)  # the feature size each group of heads reduces to 
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """`n_styles`: the generator's style inputs (18 at 1024 px); the released encoder has an IR-SE-50 body."""
+    """`n_styles`: the generator's style inputs (18 at 1024 px). `stage_units`: the IR-SE body's units per stage,
+    (3, 4, 14, 3) for the released IR-SE-50 body (the only one e4e checkpoints hold); fewer units give a quicker
+    stand-in of the same kinds of layers."""
 
     n_styles: int = 18
+    stage_units: tuple[int, int, int, int] = irse.STAGE_UNITS[50]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stage_units", irse.units_per_stage(self.stage_units))  # a JSON list as a tuple
 
 
 class StyleHead(nn.Module):
@@ -58,14 +64,14 @@ class Encoder4Editing(nn.Module):
         super().__init__()
         self.config = config
         self.input_layer = irse.input_layer()
-        self.body = irse.body(50)
+        self.body = irse.body(config.stage_units)
         self.styles = nn.ModuleList(
             StyleHead(_HEAD_SPATIAL[(i >= COARSE_END) + (i >= MIDDLE_END)]) for i in range(config.n_styles)
         )
         self.latlayer1 = nn.Conv2d(256, STYLE_DIM, 1)
         self.latlayer2 = nn.Conv2d(128, STYLE_DIM, 1)
         self.register_buffer("latent_avg", torch.zeros(config.n_styles, STYLE_DIM))
-        _, fine, middle, coarse = irse.stage_ends(50)
+        _, fine, middle, coarse = irse.stage_ends(config.stage_units)
         self._taps = {fine: "fine", middle: "middle", coarse: "coarse"}
 
     @property

@@ -8,6 +8,8 @@ PReLU, 3x3 conv (carrying the unit's stride), batch norm, then squeeze-and-excit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -68,22 +70,32 @@ def input_layer() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
 
 
-def body(num_layers: int) -> nn.Sequential:
-    """The IR-SE-`num_layers` units in order; the first unit of each stage has stride 2."""
-    if num_layers not in STAGE_UNITS:
-        raise ValueError(f"IR-SE depth {num_layers} is not one of {sorted(STAGE_UNITS)}")
+def units_per_stage(depth: int | Sequence[int]) -> tuple[int, int, int, int]:
+    """The units of each stage: `STAGE_UNITS[depth]` for a named depth, or four counts (at least one each) as given."""
+    if isinstance(depth, int):
+        if depth not in STAGE_UNITS:
+            raise ValueError(f"IR-SE depth {depth} is not one of {sorted(STAGE_UNITS)}")
+        return STAGE_UNITS[depth]
+    counts = tuple(depth)
+    if len(counts) != len(STAGE_WIDTHS) or not all(type(n) is int and n >= 1 for n in counts):
+        raise ValueError(f"IR-SE units per stage {list(counts)}: give {len(STAGE_WIDTHS)} integers of at least 1")
+    return counts
+
+
+def body(depth: int | Sequence[int]) -> nn.Sequential:
+    """The units of IR-SE-`depth` (or of the units per stage given) in order; each stage's first has stride 2."""
     units = []
     in_ch = 64
-    for count, width in zip(STAGE_UNITS[num_layers], STAGE_WIDTHS):
+    for count, width in zip(units_per_stage(depth), STAGE_WIDTHS):
         units += [BottleneckIRSE(in_ch if i == 0 else width, width, 2 if i == 0 else 1) for i in range(count)]
         in_ch = width
     return nn.Sequential(*units)
 
 
-def stage_ends(num_layers: int) -> list[int]:
-    """Index in `body(num_layers)` of the last unit of each stage (where the encoder taps its features)."""
+def stage_ends(depth: int | Sequence[int]) -> list[int]:
+    """Index in `body(depth)` of the last unit of each stage (where the encoder taps its features)."""
     ends, total = [], 0
-    for count in STAGE_UNITS[num_layers]:
+    for count in units_per_stage(depth):
         total += count
         ends.append(total - 1)
     return ends
