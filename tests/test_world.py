@@ -94,15 +94,37 @@ def test_captions_split_templates_and_mention_the_value():
         captions.edit_prompt("color", "red", rng, "unseen")
 
 
-def test_scene_code_of_z_is_uniform_and_scale_free():
-    from ffclip.world.generator_training import scene_from_z
+def test_a_sibling_fits_the_caption_and_differs_from_the_scene():
+    from ffclip.world.captions import caption
+    from ffclip.world.clip_training import fits, sibling
+
+    rng = random.Random(4)
+    scenes = sample_scenes(200, seed=4)
+    mentioned = [caption(s, rng)[1] for s in scenes]
+    siblings = [sibling(s, m, rng) for s, m in zip(scenes, mentioned)]
+    assert all(fits([s], [m], [t]).item() for s, m, t in zip(scenes, mentioned, siblings))
+    assert all(s != t for s, t in zip(scenes, siblings))
+    # an attribute the caption names never changes; one it leaves open changes when there is one
+    for s, m, t in zip(scenes, mentioned, siblings):
+        changed = {a for a in ATTRIBUTES if getattr(s, a) != getattr(t, a)}
+        assert not changed & m and len(changed) == (1 if len(m) < len(ATTRIBUTES) else 0)
+
+
+def test_scene_of_z_covers_every_value_is_scale_free_and_matches_its_code():
+    from ffclip.world.generator_training import code_from_z, near_a_digit_edge, scene_code, scene_from_z
 
     z = torch.randn(4000, 16, generator=torch.Generator().manual_seed(0))
     scenes = scene_from_z(z)
     assert [s.attributes for s in scene_from_z(3 * z[:50])] == [s.attributes for s in scenes[:50]]
     for attribute in ATTRIBUTES:
         counts = [sum(getattr(s, attribute) == v for s in scenes) for v in values(attribute)]
-        assert min(counts) > 0.8 * len(scenes) / len(counts)
+        # binary digits wrapped round: no value is drawn more than twice as often as another
+        assert min(counts) > 0.8 * len(scenes) / (2 * len(counts) - 1) and max(counts) < 2.4 * min(counts)
+    assert torch.equal(code_from_z(z[:200], 128), scene_code(scenes[:200], 128))
+    moved = near_a_digit_edge(z, torch.Generator().manual_seed(1), 0.5, 0.1)
+    changed = (moved != z).sum(dim=1)
+    assert changed.max() == 1 and 0.4 < (changed == 1).float().mean() < 0.6
+    assert moved[changed == 1].abs().min(dim=1).values.max() < 0.1 * 1.5
 
 
 def test_latent_layout_draws_codes_and_a_push_switches_one_attribute_gradually():
@@ -169,7 +191,8 @@ def test_tiny_clip_and_mapper_training(tmp_path):
     from ffclip.world.clip_training import ClipTraining, train_clip
 
     generator_config, text_config = _tiny_configs()
-    training = ClipTraining(steps=2, batch_size=8, pool_size=32, save_every=1, off_spec_from=1)
+    # one contrastive step, then one of the invariance phase with its sibling pictures
+    training = ClipTraining(steps=1, invariance_steps=1, batch_size=8, pool_size=32, save_every=1)
     encoder = train_clip(text_config, training, tmp_path / "clip")
     assert torch.load(tmp_path / "clip" / "state.pt", weights_only=False)["step"] == 2
     assert encoder.has_vision and encoder.encode(["a red circle"]).shape == (1, 16)
@@ -185,6 +208,7 @@ def test_tiny_clip_and_mapper_training(tmp_path):
             "--device", "cpu"]
     result = CliRunner().invoke(train, [str(a) for a in args])
     assert result.exit_code == 0, result.output
+    assert "training step 2/2: loss" in result.output  # progress without a terminal
     mapper = load_mapper(tmp_path / "mapper" / "mapper.safetensors")
     assert mapper.num_ws == generator.num_ws and mapper.config.dim == 16
     saved = load_bundle(tmp_path / "mapper" / "mapper.safetensors").extra["train_config"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import click
@@ -170,13 +171,18 @@ def train(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    # a bar on a terminal; elsewhere (a log, a pipe) a plain line every 5 % of the run
+    live = sys.stderr.isatty()
+    every = max(1, steps // 20)
     with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-                  TimeRemainingColumn(), transient=False, disable=not first) as progress:
+                  TimeRemainingColumn(), transient=False, disable=not (first and live)) as progress:
         task = progress.add_task("train", total=steps, completed=trainer.step, loss="")
 
         def on_step(step, losses):
-            progress.update(task, completed=step,
-                            loss=f"loss {losses.total:.4f} (clip {losses.clip:.4f}, latent {losses.latent:.4f})")
+            shown = f"loss {losses.total:.4f} (clip {losses.clip:.4f}, latent {losses.latent:.4f})"
+            progress.update(task, completed=step, loss=shown)
+            if first and not live and (step % every == 0 or step == steps):
+                click.echo(f"training step {step}/{steps}: {shown}", err=True)
 
         mapper_path = trainer.fit(out, on_step)
     if trainer.world_size > 1:

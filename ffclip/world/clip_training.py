@@ -4,10 +4,13 @@ A caption may leave attributes open ("a red circle" fits a red circle on either 
 every caption in the batch that fits a picture as a positive of it, in both directions. Pictures come from a pool
 rendered once (the world has few distinct pictures); captions are drawn afresh every step. Colours are the easiest to
 tell apart, so half the batches hold pictures of one colour on one background only: there, captions must be told
-apart by shape, size and wording. In the last steps every batch also holds pictures that are no scene of the world
-(colours off the palette) and that no caption may pick, so that an edit steered by this model must reach the palette.
-A quarter of the captions get a few random tokens inserted, so that words outside the training templates are taken
-as noise, not as meaning.
+apart by shape, size and wording. A quarter of the captions get a few random tokens inserted, so that words outside
+the training templates are taken as noise, not as meaning.
+
+A second phase makes the model fit to steer edits. FFCLIP's mapper lowers `1 - cos(picture, prompt)`, so whatever a
+prompt's similarity prefers among the pictures it fits (a red circle over a red square for "make it red"), an edit
+will also change. Every caption therefore gets a sibling of its picture with one attribute it leaves open changed, and
+a penalty on the difference of the two logits.
 """
 
 from __future__ import annotations
@@ -32,15 +35,16 @@ EOT_TOKEN = 49407  # open_clip finds the end of a text as the largest token id
 @dataclass(frozen=True)
 class ClipTraining:
     steps: int = 2200
+    invariance_steps: int = 600
     batch_size: int = 64
     pool_size: int = 12000
     lr: float = 2e-3
     weight_decay: float = 0.05
     noisy_fraction: float = 0.25
     hard_fraction: float = 0.5
-    off_spec_images: int = 32
-    off_spec_from: int = 1600
     image_noise: float = 0.03
+    invariance: float = 0.1
+    invariance_lr: float = 5e-4
     save_every: int = 100
     seed: int = 0
 
@@ -59,30 +63,23 @@ def insert_random_tokens(tokens: torch.Tensor, rows: torch.Tensor, gen: torch.Ge
     return out
 
 
-def off_spec(scenes: list, gen: torch.Generator) -> torch.Tensor:
-    """Pictures that are no scene of the world, for captions to be told apart from: the scenes' shapes in colours off
-    the palette (a blend of two palette colours, or either colour pulled towards a random one)."""
-    from .scenes import _palette, coverage, values
-
-    b = len(scenes)
-    idx = lambda a: torch.tensor([values(a).index(getattr(s, a)) for s in scenes])  # noqa: E731
-    cov = coverage(idx("shape"), torch.tensor([spec()["size"][s.size] for s in scenes]),
-                   torch.tensor([0.5 + s.dx for s in scenes]), torch.tensor([0.5 + s.dy for s in scenes]),
-                   resolution())[:, None]
-    fg, bg = _palette("color")[idx("color")], _palette("background")[idx("background")]
-    other = _palette("color")[torch.randint(0, len(values("color")), (b,), generator=gen)]
-    pull = 0.3 + 0.4 * torch.rand(b, 1, generator=gen)
-    target = torch.where(torch.rand(b, 1, generator=gen) < 0.5, other, 255 * torch.rand(b, 3, generator=gen))
-    on_bg = torch.rand(b, 1, generator=gen) < 0.3
-    fg = torch.where(on_bg, fg, fg + pull * (target - fg))
-    bg = torch.where(on_bg, bg + pull * (target - bg), bg)
-    return (bg[:, :, None, None] + (fg - bg)[:, :, None, None] * cov) / 127.5 - 1
-
-
 def fits(scenes: list, mentioned: list[frozenset[str]], subjects: list) -> torch.Tensor:
     """`[len(subjects), len(scenes)]`: True where caption j (of `scenes[j]`, naming `mentioned[j]`) fits subject i."""
     return torch.tensor([[all(getattr(s, a) == getattr(c, a) for a in m) for c, m in zip(scenes, mentioned)]
                          for s in subjects])
+
+
+def sibling(scene, mentioned: frozenset[str], rng: random.Random):
+    """`scene` with one attribute its caption leaves open set to another value, or, when the caption names all four,
+    moved to another place: a picture the caption fits exactly as well."""
+    from .scenes import max_offset, values
+
+    open_ = [a for a in ATTRIBUTES if a not in mentioned]
+    if not open_:
+        j = max_offset()
+        return scene.replace(dx=rng.uniform(-j, j), dy=rng.uniform(-j, j))
+    attribute = rng.choice(open_)
+    return scene.replace(**{attribute: rng.choice([v for v in values(attribute) if v != getattr(scene, attribute)])})
 
 
 def multi_positive_loss(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
@@ -113,13 +110,19 @@ def train_clip(config: TextConfig, training: ClipTraining, folder: str | os.Path
     for i, scene in enumerate(pool):
         by_colours.setdefault((scene.color, scene.background), []).append(i)
     groups = [torch.tensor(v) for v in by_colours.values()]
-    loop = ResumableLoop("clip", folder, training.steps, training.save_every, state, restore, rng, torch_rng)
-    warmup = max(1, training.steps // 20)
+    total = training.steps + training.invariance_steps
+    loop = ResumableLoop("clip", folder, total, training.save_every, state, restore, rng, torch_rng)
+
+    def learning_rate(i: int) -> float:
+        first = i < training.steps
+        lr, start, steps = ((training.lr, 0, training.steps) if first
+                            else (training.invariance_lr, training.steps, training.invariance_steps))
+        j = i - start
+        return lr * min(1.0, (j + 1) / max(1, steps // 20)) * (0.1 if j >= 0.8 * steps else 1.0)
 
     def step(i: int) -> dict[str, float]:
-        scale = min(1.0, (i + 1) / warmup) * (0.1 if i >= 0.8 * training.steps else 1.0)
         for group in optimizer.param_groups:
-            group["lr"] = training.lr * scale
+            group["lr"] = learning_rate(i)
         if rng.random() < training.hard_fraction:
             group = groups[rng.randrange(len(groups))]
             picked = group[torch.randint(0, len(group), (training.batch_size,), generator=torch_rng)]
@@ -131,17 +134,22 @@ def train_clip(config: TextConfig, training: ClipTraining, folder: str | os.Path
         noisy = torch.rand(len(texts), generator=torch_rng) < training.noisy_fraction
         tokens = insert_random_tokens(tokens, noisy, torch_rng)
         images = pool_images[picked].permute(0, 3, 1, 2).float() / 127.5 - 1
+        invariant = i >= training.steps
+        if invariant:
+            siblings = render_uint8([sibling(s, m, rng) for s, m in zip(scenes, mentioned)])
+            images = torch.cat([images, siblings.permute(0, 3, 1, 2).float() / 127.5 - 1])
         images = images + training.image_noise * torch.randn(images.shape, generator=torch_rng)
-        n_off = min(training.off_spec_images, len(scenes)) if i >= training.off_spec_from else 0
-        if n_off:
-            images = torch.cat([images, off_spec(scenes[:n_off], torch_rng)])
         image_emb = torch.nn.functional.normalize(embedder(images), dim=-1)
         text_emb = torch.nn.functional.normalize(encoder(tokens), dim=-1)
-        logits = encoder.clip.logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T
+        scale = encoder.clip.logit_scale.exp().clamp(max=100)
+        b = len(scenes)
+        logits = scale * image_emb[:b] @ text_emb.T
         positive = fits(scenes, list(mentioned), scenes)  # [image, caption]
-        real = len(scenes)
-        loss = (multi_positive_loss(logits[:real], positive)
-                + multi_positive_loss(logits.T, torch.cat([positive.T, positive.new_zeros(real, n_off)], 1))) / 2
+        loss = (multi_positive_loss(logits, positive) + multi_positive_loss(logits.T, positive.T)) / 2
+        if invariant:
+            # a caption must not prefer one of the pictures it fits: that preference is what an edit would exploit
+            gap = logits.diagonal() - scale * (image_emb[b:] * text_emb).sum(dim=-1)
+            loss = loss + training.invariance * gap.square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -5,15 +5,17 @@ every channel. The layout is chosen for that: the channels of `w` are cut into o
 "slot") and two blocks for the centre offset. A scene's code holds 1 on the slot of each of its values, 0 on the
 other slots and the offset (in units of the jitter) on the offset blocks. Every `w` stands for a picture
 (`picture_of`): per attribute, the values are weighted by a softmax of their slots' mean levels and the picture blends
-them by those weights. Raising one slot above the others switches that attribute alone, gradually: an edit is a
-non-negative push that depends on the words only, and the picture changes all along the way.
+them by those weights (the size by moving the object's side between the sizes'). Raising one slot above the others
+switches that attribute alone, gradually: an edit is a non-negative push that depends on the words only, and the
+picture changes all along the way.
 
 A fixed map reads a scene out of the Gaussian `z` (`scene_from_z`). Training runs in two phases, each resumable and
 each keeping only the network it trains:
 
-1. synthesis: the synthesis network learns `w -> picture_of(w)` on scene codes with a push on one random slot (from
-   nothing to well past the switch), small pushes on all slots and noise;
-2. mapping: the mapping network regresses `z` onto the code of the scene `z` stands for.
+1. synthesis: the synthesis network learns `w -> picture_of(w)` on the codes of uniformly drawn scenes, with a push
+   on one random slot (from nothing to well past the switch), small pushes on all slots and noise;
+2. mapping: the mapping network regresses `z` onto the code of the scene `z` stands for, half of every batch drawn
+   next to a digit's sign change, so that few `z` land on a blend of two values.
 """
 
 from __future__ import annotations
@@ -31,25 +33,65 @@ import torch.nn.functional as F
 from ..config import GeneratorConfig
 from ..factory import build_generator
 from ..models import Generator, ops
-from .scenes import ATTRIBUTES, Scene, max_offset, render_blend, values
+from .scenes import ATTRIBUTES, Scene, max_offset, render_blend, sample_scene, values
 from .stage import ResumableLoop, log
 
-# softmax gain on slot levels: a clean code (levels 1 and 0) draws its colour at 90 % (the rest spread over six
-# others, within the judge's tolerance) and its other values at 96 % or more; a push on a block at level 0 already
-# changes the picture a little, so an edit's CLIP loss has a gradient from its start
-SHARPNESS = 4.0
+
+
+def sharpness(attribute: str) -> float:
+    """Softmax gain on the slot levels of `attribute`: 4 + ln((n - 1) / 2) for n values, so that a clean code (levels
+    1 and 0) draws its value at 96.5 % for every attribute, however many values share the rest; a push on a block at
+    level 0 already changes the picture a little, so an edit's CLIP loss has a gradient from its start."""
+    return 4.0 + math.log((len(values(attribute)) - 1) / 2)
+
+
+def _bits(attribute: str) -> int:
+    return max(1, math.ceil(math.log2(len(values(attribute)))))
+
+
+def _read_z(z: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The value index of every attribute `[B]` and the centre offsets `[B, 2]` that `z [B, D]` stands for.
+
+    After the mapping network's own pixel norm, each attribute reads the signs of its next few entries as binary
+    digits (wrapped round when the values are fewer than the digits can count), and the two entries after them give
+    the offsets through the normal distribution's CDF. Single sign steps are what an MLP learns sharply; several bins
+    along one entry blur into blends near their edges."""
+    zn = ops.pixel_norm(z)
+    indices, k = [], 0
+    for attribute in ATTRIBUTES:
+        index = torch.zeros(z.shape[0], dtype=torch.long)
+        for _ in range(_bits(attribute)):
+            index = 2 * index + (zn[:, k] > 0).long()
+            k += 1
+        indices.append(index % len(values(attribute)))
+    return indices, max_offset() * torch.erf(zn[:, k:k + 2] / math.sqrt(2))
 
 
 def scene_from_z(z: torch.Tensor) -> list[Scene]:
-    """The scene each row of `z [B, D]` stands for: after the mapping network's own pixel norm, entry i (one per
-    attribute, then two for the offset) is cut into equally likely bins of the normal distribution."""
-    u = 0.5 * (1 + torch.erf(ops.pixel_norm(z)[:, : len(ATTRIBUTES) + 2] / math.sqrt(2)))
-    names = []
-    for k, attribute in enumerate(ATTRIBUTES):
-        n = len(values(attribute))
-        names.append([values(attribute)[i] for i in (u[:, k] * n).long().clamp(max=n - 1).tolist()])
-    offset = (max_offset() * (2 * u[:, len(ATTRIBUTES):] - 1)).tolist()
-    return [Scene(*attrs, dx=dx, dy=dy) for *attrs, (dx, dy) in zip(*names, offset)]
+    """The scene each row of `z [B, D]` stands for (see `_read_z`)."""
+    indices, offsets = _read_z(z)
+    names = [[values(a)[i] for i in index.tolist()] for a, index in zip(ATTRIBUTES, indices)]
+    return [Scene(*attrs, dx=dx, dy=dy) for *attrs, (dx, dy) in zip(*names, offsets.tolist())]
+
+
+def code_from_z(z: torch.Tensor, dim: int) -> torch.Tensor:
+    """`scene_code(scene_from_z(z), dim)`, computed on tensors."""
+    indices, offsets = _read_z(z)
+    parts = [F.one_hot(index, len(values(a))).float() for a, index in zip(ATTRIBUTES, indices)]
+    return _spread(torch.cat([*parts, offsets / max_offset()], dim=1), dim)
+
+
+def near_a_digit_edge(z: torch.Tensor, gen: torch.Generator, fraction: float, width: float) -> torch.Tensor:
+    """Copy of `z` where a random `fraction` of the rows has one of its attribute digits moved to within `width`
+    (in units of the row's RMS) of its sign change: where the mapping network has to be sharp."""
+    b = z.shape[0]
+    digits = sum(_bits(a) for a in ATTRIBUTES)
+    rows = (torch.rand(b, generator=gen) < fraction).nonzero().flatten()
+    entry = torch.randint(0, digits, (len(rows),), generator=gen)
+    out = z.clone()
+    rms = z[rows].square().mean(dim=1).sqrt()
+    out[rows, entry] = width * (2 * torch.rand(len(rows), generator=gen) - 1) * rms
+    return out
 
 
 @lru_cache(maxsize=1)
@@ -100,7 +142,7 @@ def picture_of(w: torch.Tensor) -> torch.Tensor:
     weights, start = {}, 0
     for attribute in ATTRIBUTES:
         n = len(values(attribute))
-        weights[attribute] = torch.softmax(SHARPNESS * levels[:, start:start + n], dim=1)
+        weights[attribute] = torch.softmax(sharpness(attribute) * levels[:, start:start + n], dim=1)
         start += n
     dx, dy = (max_offset() * levels[:, -2:].clamp(-1, 1)).unbind(1)
     return render_blend(weights, dx, dy)
@@ -114,6 +156,8 @@ class GeneratorTraining:
     mapping_batch_size: int = 256
     lr: float = 3e-3
     mapping_lr: float = 6e-2
+    edge_fraction: float = 0.5
+    edge_width: float = 0.1
     pushed_fraction: float = 0.6
     max_push: float = 3.0
     spill_fraction: float = 0.3
@@ -164,7 +208,7 @@ def train_generator(config: GeneratorConfig, t: GeneratorTraining, folder: str |
         def step(i: int) -> dict[str, float]:
             for group in optimizer.param_groups:
                 group["lr"] = lr * (0.1 if i >= 0.85 * steps else 1.0)
-            loss = step_fn(gen)
+            loss = step_fn(rng, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -175,13 +219,13 @@ def train_generator(config: GeneratorConfig, t: GeneratorTraining, folder: str |
     def draw(w: torch.Tensor) -> torch.Tensor:
         return generator.synthesis(w[:, None].expand(-1, layers, -1))
 
-    def synthesis_step(gen: torch.Generator) -> torch.Tensor:
-        codes = training_codes(scene_from_z(torch.randn(b, d, generator=gen)), d, t, gen)
+    def synthesis_step(rng: random.Random, gen: torch.Generator) -> torch.Tensor:
+        codes = training_codes([sample_scene(rng) for _ in range(b)], d, t, gen)
         return _image_loss(draw(codes), picture_of(codes))
 
-    def mapping_step(gen: torch.Generator) -> torch.Tensor:
-        z = torch.randn(t.mapping_batch_size, d, generator=gen)
-        return F.mse_loss(generator.mapping_network(z), scene_code(scene_from_z(z), d))
+    def mapping_step(rng: random.Random, gen: torch.Generator) -> torch.Tensor:
+        z = near_a_digit_edge(torch.randn(t.mapping_batch_size, d, generator=gen), gen, t.edge_fraction, t.edge_width)
+        return F.mse_loss(generator.mapping_network(z), code_from_z(z, d))
 
     phase("synthesis", t.synthesis_steps, generator.synthesis_network, t.lr, synthesis_step)
     phase("mapping", t.mapping_steps, generator.mapping_network, t.mapping_lr, mapping_step)

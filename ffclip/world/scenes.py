@@ -108,19 +108,19 @@ def render_blend(
     weights: dict[str, torch.Tensor], dx: torch.Tensor, dy: torch.Tensor, supersample: int = 4
 ) -> torch.Tensor:
     """Pictures whose attributes are blends of their values: `weights[a] [B, len(values(a))]` (rows summing to 1)
-    mix the colours, and the outlines by the weights of shape and size together; `dx, dy [B]` are the centre offsets.
-    float32 `[B, 3, R, R]` in [-1, 1]; one-hot weights draw the scenes exactly."""
+    mix the colours and the shapes' outlines, and set the object's side between the sizes' sides (so a growing weight
+    on one size grows or shrinks the object); `dx, dy [B]` are the centre offsets. float32 `[B, 3, R, R]` in [-1, 1];
+    one-hot weights draw the scenes exactly."""
     r = resolution()
     cx, cy = 0.5 + dx.float(), 0.5 + dy.float()
+    sides = weights["size"] @ torch.tensor([float(spec()["size"][v]) for v in values("size")])
     cov = torch.zeros(dx.shape[0], r, r)
     for i in range(len(values("shape"))):
-        for j, size in enumerate(values("size")):
-            weight = weights["shape"][:, i] * weights["size"][:, j]
-            rows = (weight > 0).nonzero().flatten()
-            if len(rows):
-                shapes, sides = torch.full((len(rows),), i), torch.full((len(rows),), float(spec()["size"][size]))
-                drawn = coverage(shapes, sides, cx[rows], cy[rows], r, supersample)
-                cov = cov.index_add(0, rows, weight[rows, None, None] * drawn)
+        weight = weights["shape"][:, i]
+        rows = (weight > 0).nonzero().flatten()
+        if len(rows):
+            drawn = coverage(torch.full((len(rows),), i), sides[rows], cx[rows], cy[rows], r, supersample)
+            cov = cov.index_add(0, rows, weight[rows, None, None] * drawn)
     fg = (weights["color"] @ _palette("color"))[:, :, None, None]
     bg = (weights["background"] @ _palette("background"))[:, :, None, None]
     return (bg + (fg - bg) * cov[:, None]) / 127.5 - 1
