@@ -22,17 +22,22 @@ from .stage import log
 
 # stage 3: the mapper, through ffclip-train; every value is passed explicitly
 MAPPER_TRAINING = {
-    "--steps": "1200",
     "--batch-size": "16",
     "--lr": "1e-3",
     "--save-every": "100",
     "--lambda-clip": "1.0",
-    "--lambda-latent": "0.75",
     "--lambda-embedding": "0.005",
     "--embedding-resize": "antialiased",
     "--truncation": "1.0",
     "--seed": "0",
 }
+# two runs of ffclip-train, the second resuming the first: with a weak latent loss the mapper first learns to push
+# for every kind of prompt (from a strong one its pushes die at the final leaky ReLU for the attributes whose CLIP
+# gradient starts small), then the stronger latent loss prunes what the prompts did not ask for
+MAPPER_PHASES = (
+    {"--steps": "400", "--lambda-latent": "0.02"},
+    {"--steps": "1200", "--lambda-latent": "0.1"},
+)
 NUM_LATENTS = 8192
 
 
@@ -91,8 +96,14 @@ def _write_mapper_inputs(out: Path) -> None:
     if not (out / "latents.npy").exists():
         generator = load_generator(out / "generator.safetensors")
         save_latents(out / "latents.npy", sample_latents(generator, NUM_LATENTS, seed=1, truncation=1.0))
-    prompts = sorted({p for p, _, _ in all_edit_prompts("seen")})
-    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    # ffclip-train draws prompts uniformly from the file's lines: repeat each attribute's prompts so that every
+    # attribute gets the same share (colour has the most words and would otherwise crowd out the rest)
+    by_attribute: dict[str, list[str]] = {}
+    for prompt, attribute, _ in all_edit_prompts("seen"):
+        by_attribute.setdefault(attribute, []).append(prompt)
+    share = max(len(p) for p in by_attribute.values())
+    lines = [p for prompts in by_attribute.values() for p in (prompts * share)[:share]]
+    (out / "prompts.txt").write_text("\n".join(lines) + "\n")
 
 
 def _train_mapper(out: Path, threads: int) -> None:
@@ -100,21 +111,24 @@ def _train_mapper(out: Path, threads: int) -> None:
 
     folder = out / "mapper"
     done = folder / "mapper.safetensors"
-    if done.exists() and load_bundle(done).extra.get("trained_steps") == int(MAPPER_TRAINING["--steps"]):
-        log("stage 3: mapper already trained")
-        return
-    command = [str(Path(sys.executable).parent / "ffclip-train"),
-               "--generator", str(out / "generator.safetensors"), "--clip", str(out / "clip.safetensors"),
-               "--latents", str(out / "latents.npy"), "--prompts", str(out / "prompts.txt"),
-               "--out", str(folder), "--device", "cpu", "--fresh-mapper"]
-    for option, value in MAPPER_TRAINING.items():
-        command += [option, value]
-    if (folder / "train_state.pt").exists():
-        command.append("--resume")
-    log("stage 3: " + " ".join(command[1:]))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    if subprocess.run(command, env=env).returncode:
-        raise click.ClickException("stage 3 (ffclip-train) failed; run again to resume")
+    trained = load_bundle(done).extra.get("trained_steps", 0) if done.exists() else 0
+    for number, phase in enumerate(MAPPER_PHASES, 1):
+        if trained >= int(phase["--steps"]):
+            log(f"stage 3, phase {number}: already trained")
+            continue
+        command = [str(Path(sys.executable).parent / "ffclip-train"),
+                   "--generator", str(out / "generator.safetensors"), "--clip", str(out / "clip.safetensors"),
+                   "--latents", str(out / "latents.npy"), "--prompts", str(out / "prompts.txt"),
+                   "--out", str(folder), "--device", "cpu", "--fresh-mapper"]
+        for option, value in {**MAPPER_TRAINING, **phase}.items():
+            command += [option, value]
+        if (folder / "train_state.pt").exists():
+            command.append("--resume")
+        log(f"stage 3, phase {number}: " + " ".join(command[1:]))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        if subprocess.run(command, env=env).returncode:
+            raise click.ClickException("stage 3 (ffclip-train) failed; run again to resume")
+        trained = int(phase["--steps"])
 
 
 def install(out: Path) -> list[Path]:

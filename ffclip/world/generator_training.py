@@ -150,8 +150,8 @@ def picture_of(w: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class GeneratorTraining:
-    synthesis_steps: int = 2000
-    mapping_steps: int = 8000
+    synthesis_steps: int = 6000
+    mapping_steps: int = 16000
     batch_size: int = 16
     mapping_batch_size: int = 256
     lr: float = 3e-3
