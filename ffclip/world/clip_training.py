@@ -26,7 +26,7 @@ from ..factory import build_text_encoder
 from ..models import TextEncoder
 from ..training import ClipImageEmbedder
 from .captions import caption
-from .scenes import ATTRIBUTES, render, render_uint8, resolution, sample_scene, sample_scenes, spec
+from .scenes import ATTRIBUTES, max_offset, render, render_uint8, sample_scene, sample_scenes, values
 from .stage import ResumableLoop
 
 EOT_TOKEN = 49407  # open_clip finds the end of a text as the largest token id
@@ -72,8 +72,6 @@ def fits(scenes: list, mentioned: list[frozenset[str]], subjects: list) -> torch
 def sibling(scene, mentioned: frozenset[str], rng: random.Random):
     """`scene` with one attribute its caption leaves open set to another value, or, when the caption names all four,
     moved to another place: a picture the caption fits exactly as well."""
-    from .scenes import max_offset, values
-
     open_ = [a for a in ATTRIBUTES if a not in mentioned]
     if not open_:
         j = max_offset()
@@ -183,7 +181,6 @@ def _recalibrate_batch_norm(embedder: ClipImageEmbedder, pool_images: torch.Tens
 def attribute_accuracy(encoder: TextEncoder, split: str, num: int = 128, seed: int = 1) -> dict[str, float]:
     """Zero-shot accuracy of `encoder` per attribute: each picture against one prompt per value, phrased in `split`."""
     from .captions import edit_prompt
-    from .scenes import values
 
     rng = random.Random(seed)
     scenes = [sample_scene(rng) for _ in range(num)]
