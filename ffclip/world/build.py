@@ -20,23 +20,24 @@ import click
 from ..config import get_preset
 from .stage import log
 
-# stage 3: the mapper, through ffclip-train; every value is passed explicitly
+# stage 3: the mapper, through ffclip-train; every value is passed explicitly. The CLIP-embedding loss is off: it
+# charges the asked change as much as any other, and at weight 0.005 it already cancelled every edit within 200 steps
 MAPPER_TRAINING = {
     "--batch-size": "16",
     "--lr": "1e-3",
     "--save-every": "100",
     "--lambda-clip": "1.0",
-    "--lambda-embedding": "0.005",
+    "--lambda-embedding": "0",
     "--embedding-resize": "antialiased",
     "--truncation": "1.0",
     "--seed": "0",
 }
-# two runs of ffclip-train, the second resuming the first: with a weak latent loss the mapper first learns to push
-# for every kind of prompt (from a strong one its pushes die at the final leaky ReLU for the attributes whose CLIP
-# gradient starts small), then the stronger latent loss prunes what the prompts did not ask for
+# two runs of ffclip-train, the second resuming the first. The latent loss has a stable point at no push at all:
+# started with it, the mapper never leaves it for some attributes, so it first learns to push with CLIP alone, then
+# the latent loss prunes what the prompts did not ask for
 MAPPER_PHASES = (
-    {"--steps": "400", "--lambda-latent": "0.02"},
-    {"--steps": "1200", "--lambda-latent": "0.1"},
+    {"--steps": "300", "--lambda-latent": "0"},
+    {"--steps": "1200", "--lambda-latent": "0.3"},
 )
 NUM_LATENTS = 8192
 
