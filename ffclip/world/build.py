@@ -36,8 +36,8 @@ MAPPER_TRAINING = {
 # started with it, the mapper never leaves it for some attributes, so it first learns to push with CLIP alone, then
 # the latent loss prunes what the prompts did not ask for
 MAPPER_PHASES = (
-    {"--steps": "300", "--lambda-latent": "0"},
-    {"--steps": "1200", "--lambda-latent": "0.3"},
+    {"--steps": "700", "--lambda-latent": "0"},
+    {"--steps": "1600", "--lambda-latent": "0.3"},
 )
 NUM_LATENTS = 8192
 
