@@ -34,10 +34,11 @@ MAPPER_TRAINING = {
 }
 # two runs of ffclip-train, the second resuming the first. The latent loss has a stable point at no push at all:
 # started with it, the mapper never leaves it for some attributes, so it first learns to push with CLIP alone, then
-# the latent loss prunes what the prompts did not ask for
+# the latent loss prunes what the prompts did not ask for. Pruning harder loses whole prompts (at 0.5, "on a black
+# background"); more gently, pushes the prompts did not ask for survive
 MAPPER_PHASES = (
     {"--steps": "700", "--lambda-latent": "0"},
-    {"--steps": "1600", "--lambda-latent": "0.3"},
+    {"--steps": "1600", "--lambda-latent": "0.42"},
 )
 NUM_LATENTS = 8192
 

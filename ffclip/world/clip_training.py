@@ -11,6 +11,13 @@ A second phase makes the model fit to steer edits. FFCLIP's mapper lowers `1 - c
 prompt's similarity prefers among the pictures it fits (a red circle over a red square for "make it red"), an edit
 will also change. Every caption therefore gets a sibling of its picture with one attribute it leaves open changed, and
 a penalty on the difference of the two logits.
+
+A third phase trains what the mapper reads: the similarity of a picture to an edit prompt, in cosine, not in
+softmax rank. Each prompt asks one attribute for one value; it is compared with its scene drawn in every value of that
+attribute and must beat each wrong one by a margin (close colours, red and magenta, otherwise differ by less than a
+hundredth, and an edit stops on a blend of the two), while siblings of the asked picture (another attribute changed,
+or the object moved) must score the same. Contrastive batches continue beside it, and batch norm keeps the statistics
+of the end of the second phase, measured on uniform batches (the phase's batches are anything but).
 """
 
 from __future__ import annotations
@@ -18,15 +25,18 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..config import TextConfig
 from ..factory import build_text_encoder
 from ..models import TextEncoder
 from ..training import ClipImageEmbedder
-from .captions import caption
-from .scenes import ATTRIBUTES, max_offset, render, render_uint8, sample_scene, sample_scenes, values
+from .captions import caption, edit_prompt
+from .scenes import (ATTRIBUTES, Scene, max_offset, render, render_blend, render_uint8, sample_scene,
+                     sample_scenes, value_weights, values)
 from .stage import ResumableLoop
 
 EOT_TOKEN = 49407  # open_clip finds the end of a text as the largest token id
@@ -45,6 +55,14 @@ class ClipTraining:
     image_noise: float = 0.03
     invariance: float = 0.1
     invariance_lr: float = 5e-4
+    edit_steps: int = 600
+    edit_batch_size: int = 24
+    edit_lr: float = 1e-3
+    edit_margin: float = 0.3
+    edit_leak: float = 5.0
+    edit_contrastive: float = 0.5
+    edit_siblings: int = 2
+    edit_moves: float = 0.25
     save_every: int = 100
     seed: int = 0
 
@@ -69,11 +87,11 @@ def fits(scenes: list, mentioned: list[frozenset[str]], subjects: list) -> torch
                          for s in subjects])
 
 
-def sibling(scene, mentioned: frozenset[str], rng: random.Random):
-    """`scene` with one attribute its caption leaves open set to another value, or, when the caption names all four,
-    moved to another place: a picture the caption fits exactly as well."""
+def sibling(scene, mentioned: frozenset[str], rng: random.Random, moves: float = 0.0):
+    """`scene` with one attribute its caption leaves open set to another value, or moved to another place (with
+    probability `moves`, and always when the caption names all four): a picture the caption fits exactly as well."""
     open_ = [a for a in ATTRIBUTES if a not in mentioned]
-    if not open_:
+    if not open_ or (moves and rng.random() < moves):
         j = max_offset()
         return scene.replace(dx=rng.uniform(-j, j), dy=rng.uniform(-j, j))
     attribute = rng.choice(open_)
@@ -85,8 +103,95 @@ def multi_positive_loss(logits: torch.Tensor, positive: torch.Tensor) -> torch.T
     return (logits.logsumexp(dim=1) - logits.masked_fill(~positive, float("-inf")).logsumexp(dim=1)).mean()
 
 
+def _pictures(images: torch.Tensor) -> torch.Tensor:
+    """Rendered `uint8 [B, R, R, 3]` pictures as the image tower's input `[B, 3, R, R]` in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _embed(encoder: TextEncoder, embedder: ClipImageEmbedder, images: torch.Tensor, texts: list[str],
+           training: ClipTraining, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit embeddings of `images` with pixel noise added and of `texts`, a share of them with random tokens."""
+    tokens = encoder.tokenize(texts)
+    tokens = insert_random_tokens(tokens, torch.rand(len(texts), generator=gen) < training.noisy_fraction, gen)
+    images = images + training.image_noise * torch.randn(images.shape, generator=gen)
+    return F.normalize(embedder(images), dim=-1), F.normalize(encoder(tokens), dim=-1)
+
+
+def _schedule(lr: float, step: int, steps: int) -> float:
+    """`lr` warmed up over the first twentieth of a phase's `steps` and cut tenfold for its last fifth."""
+    return lr * min(1.0, (step + 1) / max(1, steps // 20)) * (0.1 if step >= 0.8 * steps else 1.0)
+
+
+Blend = tuple[str, str, float]  # (attribute, another value, its weight): a picture between two values
+
+
+def _render_blends(pictures: list[tuple[Scene, Blend | None]]) -> torch.Tensor:
+    """Pictures `[B, 3, R, R]` of scenes, each with at most one attribute blended toward another value as the world
+    generator draws a partly pushed code, quantised as `render_uint8` quantises."""
+    weights = value_weights([scene for scene, _ in pictures])
+    for i, (_, blend) in enumerate(pictures):
+        if blend is not None:
+            attribute, value, u = blend
+            weights[attribute][i] *= 1 - u
+            weights[attribute][i, values(attribute).index(value)] += u
+    dx, dy = torch.tensor([[scene.dx, scene.dy] for scene, _ in pictures], dtype=torch.float32).unbind(1)
+    return ((render_blend(weights, dx, dy) + 1) * 127.5).round() / 127.5 - 1
+
+
+def _other(attribute: str, value: str, rng: random.Random) -> str:
+    return rng.choice([v for v in values(attribute) if v != value])
+
+
+def edit_loss(encoder: TextEncoder, embedder: ClipImageEmbedder, training: ClipTraining, rng: random.Random,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The third phase's two terms on a fresh batch of edit prompts.
+
+    Margin: the mean hinge of how far the asked picture falls short of beating, by `edit_margin`, the scene in each
+    wrong value and a blend of two wrong values, and a blend of the asked value with a wrong one by `edit_margin`
+    times the wrong one's weight. Leak: the mean absolute cosine change from the asked picture to its siblings, whole
+    (another attribute changed or the object moved) and partial (another attribute blended toward a second value):
+    an edit passes through blends."""
+    pictures, prompts, rows = [], [], []
+    for _ in range(training.edit_batch_size):
+        scene, attribute = sample_scene(rng), rng.choice(ATTRIBUTES)
+        asked = scene.replace(**{attribute: rng.choice(values(attribute))})
+        value = getattr(asked, attribute)
+        prompts.append(edit_prompt(attribute, value, rng))
+        wrong = [v for v in values(attribute) if v != value]
+        u = rng.uniform(0.1, 0.9)
+        negatives = [(asked.replace(**{attribute: v}), None) for v in wrong]
+        needs = [training.edit_margin] * len(wrong)
+        if len(wrong) > 1:
+            first, second = rng.sample(wrong, 2)
+            negatives.append((asked.replace(**{attribute: first}), (attribute, second, rng.uniform(0.1, 0.9))))
+            needs.append(training.edit_margin)
+        negatives.append((asked, (attribute, _other(attribute, value, rng), u)))
+        needs.append(training.edit_margin * u)
+        siblings = [(sibling(asked, frozenset({attribute}), rng, training.edit_moves), None)
+                    for _ in range(training.edit_siblings)]
+        for _ in range(training.edit_siblings):
+            other = rng.choice([a for a in ATTRIBUTES if a != attribute])
+            siblings.append((asked, (other, _other(other, getattr(asked, other), rng), rng.uniform(0.1, 0.9))))
+        rows.append((len(pictures), torch.tensor(needs), len(siblings)))
+        pictures += [(asked, None), *negatives, *siblings]
+    image_emb, text_emb = _embed(encoder, embedder, _render_blends(pictures), prompts, training, gen)
+    margin, leak = [], []
+    for (start, needs, num_siblings), text in zip(rows, text_emb):
+        cos = image_emb[start:start + 1 + len(needs) + num_siblings] @ text
+        margin.append(F.relu(needs - (cos[0] - cos[1:1 + len(needs)])).mean())
+        leak.append((cos[1 + len(needs):] - cos[0]).abs().mean())
+    return torch.stack(margin).mean(), torch.stack(leak).mean()
+
+
+def _freeze_batch_norm(module: torch.nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def train_clip(config: TextConfig, training: ClipTraining, folder: str | os.PathLike) -> TextEncoder:
-    """Train (or resume) the world CLIP in `folder`; returns it with its image tower, in eval mode."""
+    """Train (or resume) the world CLIP in `folder` (the third phase in `folder/edit`); returns it with its image
+    tower, in eval mode."""
     encoder = build_text_encoder(config, training.seed, vision=True).train().requires_grad_(True)
     embedder = ClipImageEmbedder(encoder)
     decay = [p for n, p in encoder.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -108,37 +213,15 @@ def train_clip(config: TextConfig, training: ClipTraining, folder: str | os.Path
     for i, scene in enumerate(pool):
         by_colours.setdefault((scene.color, scene.background), []).append(i)
     groups = [torch.tensor(v) for v in by_colours.values()]
-    total = training.steps + training.invariance_steps
-    loop = ResumableLoop("clip", folder, total, training.save_every, state, restore, rng, torch_rng)
 
-    def learning_rate(i: int) -> float:
-        first = i < training.steps
-        lr, start, steps = ((training.lr, 0, training.steps) if first
-                            else (training.invariance_lr, training.steps, training.invariance_steps))
-        j = i - start
-        return lr * min(1.0, (j + 1) / max(1, steps // 20)) * (0.1 if j >= 0.8 * steps else 1.0)
-
-    def step(i: int) -> dict[str, float]:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(i)
-        if rng.random() < training.hard_fraction:
-            group = groups[rng.randrange(len(groups))]
-            picked = group[torch.randint(0, len(group), (training.batch_size,), generator=torch_rng)]
-        else:
-            picked = torch.randint(0, len(pool), (training.batch_size,), generator=torch_rng)
+    def contrastive(picked: torch.Tensor, invariant: bool) -> torch.Tensor:
         scenes = [pool[i] for i in picked.tolist()]
         texts, mentioned = zip(*(caption(s, rng) for s in scenes))
-        tokens = encoder.tokenize(list(texts))
-        noisy = torch.rand(len(texts), generator=torch_rng) < training.noisy_fraction
-        tokens = insert_random_tokens(tokens, noisy, torch_rng)
-        images = pool_images[picked].permute(0, 3, 1, 2).float() / 127.5 - 1
-        invariant = i >= training.steps
+        images = _pictures(pool_images[picked])
         if invariant:
             siblings = render_uint8([sibling(s, m, rng) for s, m in zip(scenes, mentioned)])
-            images = torch.cat([images, siblings.permute(0, 3, 1, 2).float() / 127.5 - 1])
-        images = images + training.image_noise * torch.randn(images.shape, generator=torch_rng)
-        image_emb = torch.nn.functional.normalize(embedder(images), dim=-1)
-        text_emb = torch.nn.functional.normalize(encoder(tokens), dim=-1)
+            images = torch.cat([images, _pictures(siblings)])
+        image_emb, text_emb = _embed(encoder, embedder, images, list(texts), training, torch_rng)
         scale = encoder.clip.logit_scale.exp().clamp(max=100)
         b = len(scenes)
         logits = scale * image_emb[:b] @ text_emb.T
@@ -148,13 +231,44 @@ def train_clip(config: TextConfig, training: ClipTraining, folder: str | os.Path
             # a caption must not prefer one of the pictures it fits: that preference is what an edit would exploit
             gap = logits.diagonal() - scale * (image_emb[b:] * text_emb).sum(dim=-1)
             loss = loss + training.invariance * gap.square().mean()
+        return loss
+
+    def step(i: int) -> dict[str, float]:
+        first = i < training.steps
+        lr, j, steps = ((training.lr, i, training.steps) if first
+                        else (training.invariance_lr, i - training.steps, training.invariance_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = _schedule(lr, j, steps)
+        if rng.random() < training.hard_fraction:
+            group = groups[rng.randrange(len(groups))]
+            picked = group[torch.randint(0, len(group), (training.batch_size,), generator=torch_rng)]
+        else:
+            picked = torch.randint(0, len(pool), (training.batch_size,), generator=torch_rng)
+        loss = contrastive(picked, invariant=not first)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return {"loss": loss.item()}
 
-    loop.run(step)
+    ResumableLoop("clip", folder, training.steps + training.invariance_steps, training.save_every, state, restore,
+                  rng, torch_rng).run(step)
     _recalibrate_batch_norm(embedder, pool_images, torch_rng)
+    _freeze_batch_norm(embedder)
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=training.edit_lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+    def edit_step(i: int) -> dict[str, float]:
+        for group in optimizer.param_groups:
+            group["lr"] = _schedule(training.edit_lr, i, training.edit_steps)
+        margin, leak = edit_loss(encoder, embedder, training, rng, torch_rng)
+        picked = torch.randint(0, len(pool), (training.batch_size,), generator=torch_rng)
+        loss = margin + training.edit_leak * leak + training.edit_contrastive * contrastive(picked, invariant=False)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"margin": margin.item(), "leak": leak.item(), "loss": loss.item()}
+
+    ResumableLoop("clip edits", Path(folder) / "edit", training.edit_steps, training.save_every, state, restore,
+                  rng, torch_rng).run(edit_step)
     return encoder.eval().requires_grad_(False)
 
 
@@ -180,15 +294,13 @@ def _recalibrate_batch_norm(embedder: ClipImageEmbedder, pool_images: torch.Tens
 @torch.no_grad()
 def attribute_accuracy(encoder: TextEncoder, split: str, num: int = 128, seed: int = 1) -> dict[str, float]:
     """Zero-shot accuracy of `encoder` per attribute: each picture against one prompt per value, phrased in `split`."""
-    from .captions import edit_prompt
-
     rng = random.Random(seed)
     scenes = [sample_scene(rng) for _ in range(num)]
-    image_emb = torch.nn.functional.normalize(ClipImageEmbedder(encoder)(render(scenes)), dim=-1)
+    image_emb = F.normalize(ClipImageEmbedder(encoder)(render(scenes)), dim=-1)
     out = {}
     for attribute in ATTRIBUTES:
         prompts = [[edit_prompt(attribute, v, rng, split) for v in values(attribute)] for _ in scenes]
-        text = torch.nn.functional.normalize(encoder.encode([p for row in prompts for p in row]), dim=-1)
+        text = F.normalize(encoder.encode([p for row in prompts for p in row]), dim=-1)
         text = text.view(num, len(values(attribute)), -1)
         picked = (text @ image_emb[:, :, None]).squeeze(-1).argmax(dim=1)
         truth = torch.tensor([values(attribute).index(getattr(s, attribute)) for s in scenes])

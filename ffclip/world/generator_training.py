@@ -14,7 +14,10 @@ each keeping only the network it trains:
 
 1. synthesis: the synthesis network learns `w -> picture_of(w)` on the codes of uniformly drawn scenes as an edit
    may leave them (`training_codes`);
-2. mapping: the mapping network regresses `z` onto the code of the scene `z` stands for, half of every batch drawn
+2. tied: the same, continued with every style affine made to read block means only (`tie_to_blocks` after every
+   step). Trained deviations inside a block are small; a mapper's are not (a push of 2.5 spread with a deviation of
+   several units over a block's channels drew off-palette colours), and tied affines cannot see them at all;
+3. mapping: the mapping network regresses `z` onto the code of the scene `z` stands for, half of every batch drawn
    next to a digit's sign change, so that few `z` land on a blend of two values.
 """
 
@@ -162,6 +165,8 @@ class GeneratorTraining:
     max_spill: float = 0.4
     noise: float = 0.1
     block_noise: float = 0.5
+    tied_steps: int = 2000
+    tied_lr: float = 1e-3
     save_every: int = 100
     seed: int = 0
 
@@ -185,6 +190,19 @@ def training_codes(scenes: list[Scene], dim: int, t: GeneratorTraining, gen: tor
     return code + t.noise * torch.randn(b, dim, generator=gen) + t.block_noise * deviation
 
 
+@torch.no_grad()
+def tie_to_blocks(synthesis: torch.nn.Module) -> None:
+    """Make every style affine of `synthesis` read block means only: each weight column becomes its block's mean
+    column, and the channels past the last block are dropped."""
+    for name, weight in synthesis.named_parameters():
+        if name.endswith("affine.weight"):
+            k = block_size(weight.shape[1])
+            used = k * (len(slots()) + 2)
+            blocks = weight[:, :used].unflatten(1, (-1, k))
+            weight[:, :used] = blocks.mean(dim=2, keepdim=True).expand_as(blocks).flatten(1)
+            weight[:, used:] = 0
+
+
 def _image_loss(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(images, targets) + F.mse_loss(images, targets)
 
@@ -196,7 +214,9 @@ def train_generator(config: GeneratorConfig, t: GeneratorTraining, folder: str |
     b, d, layers = t.batch_size, config.style_dim, config.num_ws
     block_size(d)
 
-    def phase(name: str, steps: int, module: torch.nn.Module, lr: float, step_fn) -> None:
+    def phase(name: str, steps: int, module: torch.nn.Module, lr: float, step_fn, after_step=None) -> None:
+        if after_step is not None:
+            after_step()
         optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.99))
 
         def state() -> dict:
@@ -216,6 +236,8 @@ def train_generator(config: GeneratorConfig, t: GeneratorTraining, folder: str |
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
             return {"loss": loss.item()}
 
         loop.run(step)
@@ -232,6 +254,8 @@ def train_generator(config: GeneratorConfig, t: GeneratorTraining, folder: str |
         return F.mse_loss(generator.mapping_network(z), code_from_z(z, d))
 
     phase("synthesis", t.synthesis_steps, generator.synthesis_network, t.lr, synthesis_step)
+    phase("tied", t.tied_steps, generator.synthesis_network, t.tied_lr, synthesis_step,
+          lambda: tie_to_blocks(generator.synthesis_network))
     phase("mapping", t.mapping_steps, generator.mapping_network, t.mapping_lr, mapping_step)
     generator.eval().requires_grad_(False)
     generator.estimate_w_avg(seed=t.seed)

@@ -130,10 +130,14 @@ def render(scenes: list[Scene], supersample: int = 4) -> torch.Tensor:
     """Pictures of `scenes`: float32 `[B, 3, R, R]` in [-1, 1] (sRGB 0-255 mapped linearly), antialiased edges."""
     if not scenes:
         raise ValueError("no scenes to render")
-    weights = {a: torch.nn.functional.one_hot(torch.tensor([values(a).index(getattr(sc, a)) for sc in scenes]),
-                                              len(values(a))).float() for a in ATTRIBUTES}
     dx, dy = torch.tensor([[sc.dx, sc.dy] for sc in scenes], dtype=torch.float32).unbind(1)
-    return render_blend(weights, dx, dy, supersample)
+    return render_blend(value_weights(scenes), dx, dy, supersample)
+
+
+def value_weights(scenes: list[Scene]) -> dict[str, torch.Tensor]:
+    """The one-hot weights `{attribute: [B, len(values(attribute))]}` that `render_blend` draws `scenes` from."""
+    return {a: torch.nn.functional.one_hot(torch.tensor([values(a).index(getattr(sc, a)) for sc in scenes]),
+                                           len(values(a))).float() for a in ATTRIBUTES}
 
 
 def render_uint8(scenes: list[Scene]) -> torch.Tensor:
