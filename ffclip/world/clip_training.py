@@ -15,9 +15,11 @@ a penalty on the difference of the two logits.
 A third phase trains what the mapper reads: the similarity of a picture to an edit prompt, in cosine, not in
 softmax rank. Each prompt asks one attribute for one value; it is compared with its scene drawn in every value of that
 attribute and must beat each wrong one by a margin (close colours, red and magenta, otherwise differ by less than a
-hundredth, and an edit stops on a blend of the two), while siblings of the asked picture (another attribute changed,
-or the object moved) must score the same. Contrastive batches continue beside it, and batch norm keeps the statistics
-of the end of the second phase, measured on uniform batches (the phase's batches are anything but).
+hundredth, and an edit stops on a blend of the two), while siblings of the asked picture (another attribute changed
+or blended part way, or the object moved) must score the same. An edit passes through blends, so they count on both
+sides: a blend of two wrong values is one more wrong picture, and a blend of the asked value with a wrong one must
+trail by the wrong one's share of the margin. Contrastive batches continue beside it, and batch norm keeps the
+statistics of the end of the second phase, measured on uniform batches (the phase's batches are anything but).
 """
 
 from __future__ import annotations

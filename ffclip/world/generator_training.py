@@ -15,8 +15,8 @@ each keeping only the network it trains:
 1. synthesis: the synthesis network learns `w -> picture_of(w)` on the codes of uniformly drawn scenes as an edit
    may leave them (`training_codes`);
 2. tied: the same, continued with every style affine made to read block means only (`tie_to_blocks` after every
-   step). Trained deviations inside a block are small; a mapper's are not (a push of 2.5 spread with a deviation of
-   several units over a block's channels drew off-palette colours), and tied affines cannot see them at all;
+   step). Trained deviations inside a block are small; a mapper's are not (a push of 2.6 whose channels deviated by
+   7.5 drew off-palette colours), and tied affines cannot see them at all;
 3. mapping: the mapping network regresses `z` onto the code of the scene `z` stands for, half of every batch drawn
    next to a digit's sign change, so that few `z` land on a blend of two values.
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -214,7 +215,8 @@ def train_generator(config: GeneratorConfig, t: GeneratorTraining, folder: str |
     b, d, layers = t.batch_size, config.style_dim, config.num_ws
     block_size(d)
 
-    def phase(name: str, steps: int, module: torch.nn.Module, lr: float, step_fn, after_step=None) -> None:
+    def phase(name: str, steps: int, module: torch.nn.Module, lr: float, step_fn,
+              after_step: Callable[[], None] | None = None) -> None:
         if after_step is not None:
             after_step()
         optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.99))
