@@ -90,6 +90,15 @@ def _run_first_stages(out: Path, threads: int) -> None:
         raise click.ClickException(f"stage {', '.join(failed)} failed; run `make world` again to resume")
 
 
+def _report_clip(out: Path) -> None:
+    from ..checkpoints import load_text_encoder
+    from .clip_training import edit_margins
+
+    scores = edit_margins(load_text_encoder(out / "clip.safetensors", vision=True))
+    log("stage 2: CLIP on held-out edit prompts, margin / largest leak in cosine: "
+        + ", ".join(f"{a} {m:.3f} / {leak:.3f}" for a, (m, leak) in scores.items()))
+
+
 def _write_mapper_inputs(out: Path) -> None:
     from ..checkpoints import load_generator
     from ..latents import sample_latents, save_latents
@@ -168,6 +177,7 @@ def main(out: Path, threads: int, do_install: bool, stage: str | None) -> None:
         return
     wall = time.time()
     _run_first_stages(out, threads)
+    _report_clip(out)
     _write_mapper_inputs(out)
     _train_mapper(out, threads)
     cpu = time.process_time() + _children_cpu()
