@@ -89,6 +89,10 @@ def fits(scenes: list, mentioned: list[frozenset[str]], subjects: list) -> torch
                          for s in subjects])
 
 
+def _other(attribute: str, value: str, rng: random.Random) -> str:
+    return rng.choice([v for v in values(attribute) if v != value])
+
+
 def sibling(scene, mentioned: frozenset[str], rng: random.Random, moves: float = 0.0):
     """`scene` with one attribute its caption leaves open set to another value, or moved to another place (with
     probability `moves`, and always when the caption names all four): a picture the caption fits exactly as well."""
@@ -97,7 +101,7 @@ def sibling(scene, mentioned: frozenset[str], rng: random.Random, moves: float =
         j = max_offset()
         return scene.replace(dx=rng.uniform(-j, j), dy=rng.uniform(-j, j))
     attribute = rng.choice(open_)
-    return scene.replace(**{attribute: rng.choice([v for v in values(attribute) if v != getattr(scene, attribute)])})
+    return scene.replace(**{attribute: _other(attribute, getattr(scene, attribute), rng)})
 
 
 def multi_positive_loss(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
@@ -140,10 +144,6 @@ def _render_blends(pictures: list[tuple[Scene, Blend | None]]) -> torch.Tensor:
     return ((render_blend(weights, dx, dy) + 1) * 127.5).round() / 127.5 - 1
 
 
-def _other(attribute: str, value: str, rng: random.Random) -> str:
-    return rng.choice([v for v in values(attribute) if v != value])
-
-
 def edit_loss(encoder: TextEncoder, embedder: ClipImageEmbedder, training: ClipTraining, rng: random.Random,
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The third phase's two terms on a fresh batch of edit prompts.
@@ -183,12 +183,6 @@ def edit_loss(encoder: TextEncoder, embedder: ClipImageEmbedder, training: ClipT
         margin.append(F.relu(needs - (cos[0] - cos[1:1 + len(needs)])).mean())
         leak.append((cos[1 + len(needs):] - cos[0]).abs().mean())
     return torch.stack(margin).mean(), torch.stack(leak).mean()
-
-
-def _freeze_batch_norm(module: torch.nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
 
 
 def train_clip(config: TextConfig, training: ClipTraining, folder: str | os.PathLike) -> TextEncoder:
@@ -254,8 +248,8 @@ def train_clip(config: TextConfig, training: ClipTraining, folder: str | os.Path
 
     ResumableLoop("clip", folder, training.steps + training.invariance_steps, training.save_every, state, restore,
                   rng, torch_rng).run(step)
+    # a tower with batch norm is left in eval mode: the third phase keeps these statistics
     _recalibrate_batch_norm(embedder, pool_images, torch_rng)
-    _freeze_batch_norm(embedder)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=training.edit_lr, betas=(0.9, 0.98), weight_decay=0.0)
 
     def edit_step(i: int) -> dict[str, float]:
