@@ -43,6 +43,8 @@ from ffclip.export.tensorrt_build import TIMING_CACHE, build_engine, export_prec
 from ffclip.export.torchscript_export import export_torchscript
 
 FORMATS = ("onnx", "torchscript", "tensorrt", "openvino")
+# formats built from another format's file: asking for one builds that one too
+BUILT_FROM = {"tensorrt": "onnx", "openvino": "onnx"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,12 @@ class ExportOptions:
         if self.photo_size < 16 or self.photo_size & (self.photo_size - 1):
             raise InputError(f"photo size {self.photo_size}: the encoder reads square photos of a power of two pixels, "
                              f"at least 16 ({PHOTO_SIZE} for the released e4e encoder)")
+
+    @property
+    def built_formats(self) -> tuple[str, ...]:
+        """The requested formats and those they are built from, in `FORMATS` order."""
+        wanted = {*self.formats, *(BUILT_FROM[f] for f in self.formats if f in BUILT_FROM)}
+        return tuple(f for f in FORMATS if f in wanted)
 
     @property
     def batch(self) -> tuple[int, int, int]:
@@ -151,6 +159,7 @@ def export_artifacts(
     with `force` (`check_replaceable`)."""
     out = Path(out)
     check_replaceable(out, force)
+    _check_buildable(options)
     specs = stage_specs(*modules, encoder, options.photo_size)
     stage_modules = (*modules, encoder) if encoder is not None else modules
     by_name = dict(zip(specs, (copy.deepcopy(m).cpu().float().eval() for m in stage_modules)))
@@ -201,7 +210,8 @@ def _export_stage(
             report.outcomes.append(Outcome(spec.name, fmt, "skipped", reason))
             entry["status"][fmt] = f"skipped: {reason}"
             continue
-        progress(f"{spec.name}: building {fmt}")
+        needed_by = [f for f in options.formats if BUILT_FROM.get(f) == fmt]
+        progress(f"{spec.name}: building {fmt}" + (f" ({', '.join(needed_by)} builds from it)" if needed_by else ""))
         start = time.perf_counter()
         try:
             with _exact_cuda_math():
@@ -221,21 +231,34 @@ def _export_stage(
     return entry
 
 
-def _skip_reason(fmt: str, entry: dict[str, Any], options: ExportOptions) -> str | None:
-    if fmt not in options.formats:
-        return "not requested (--formats)"
+def _check_buildable(options: ExportOptions) -> None:
+    """Refuse, before any work, a request of which this machine can build no format."""
+    reasons = {f: _machine_reason(f, options) for f in options.formats}
+    if all(reasons.values()):
+        said = "; ".join(f"{f}: {r}" for f, r in reasons.items())
+        raise InputError(f"--formats {','.join(options.formats)}: none of them can be built here ({said}); add a "
+                         "format this machine builds, such as onnx or torchscript")
+
+
+def _machine_reason(fmt: str, options: ExportOptions) -> str | None:
+    """Why this machine cannot build `fmt` at the options' precision, or None when it can."""
     if fmt == "tensorrt":
-        if "onnx" not in entry["files"]:
-            return "TensorRT builds from the ONNX file, which was not built"
         reason = tensorrt_reason(options.device)
         if reason is None and options.precision == "bf16" and not bf16_supported(options.device):
             reason = "this GPU has no bf16 support"
         return reason
     if fmt == "openvino":
-        if "onnx" not in entry["files"]:
-            return "OpenVINO converts the ONNX file, which was not built"
         return openvino_skip_reason(options.precision)
     return None
+
+
+def _skip_reason(fmt: str, entry: dict[str, Any], options: ExportOptions) -> str | None:
+    if fmt not in options.built_formats:
+        return "not requested (--formats)"
+    source = BUILT_FROM.get(fmt)
+    if source is not None and source not in entry["files"]:
+        return f"{fmt} is built from the {source} file, which was not built"
+    return _machine_reason(fmt, options)
 
 
 def _build_onnx(spec, module, folder, options, entry, references) -> Parity:

@@ -12,9 +12,11 @@ from export_fixtures import TINY
 from ffclip.export import exporter as exporter_module
 from ffclip.export.exporter import ExportFailed, ExportOptions, export_artifacts
 from ffclip.artifacts import MANIFEST
+from ffclip.errors import InputError
 from ffclip.factory import build_preset
 
-OPTIONS = ExportOptions(formats=("onnx", "torchscript"), min_batch=1, opt_batch=3, max_batch=8)
+# openvino is built from the ONNX file, so asking for it builds that too
+OPTIONS = ExportOptions(formats=("torchscript", "openvino"), min_batch=1, opt_batch=3, max_batch=8)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,16 @@ def test_every_stage_and_format_is_built_or_skipped_with_reason(tiny_export):
     for stage in ("text_encoder", "mapper", "generator"):
         assert by[stage, "onnx"].status == "built"
         assert by[stage, "torchscript"].status == "built"
-        assert by[stage, "tensorrt"].status == "skipped" and by[stage, "tensorrt"].detail
+        assert by[stage, "openvino"].status == "built", by[stage, "openvino"].detail
+        assert by[stage, "tensorrt"].status == "skipped" and by[stage, "tensorrt"].detail == "not requested (--formats)"
+    assert set(report.manifest["stages"]["generator"]["files"]) == {"eager", "onnx", "torchscript", "openvino"}
+
+
+def test_a_request_of_formats_none_of_which_build_here_is_refused_before_any_work(tmp_path):
+    options = ExportOptions(formats=("tensorrt",), device=torch.device("cpu"))
+    with pytest.raises(InputError, match="--formats tensorrt: none of them can be built here .*tensorrt: "):
+        export_artifacts(build_preset(TINY), tmp_path / "out", options, preset="tiny", sources={})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_manifest_records_shapes_hashes_parity_and_surgery(tiny_export):

@@ -20,7 +20,9 @@ from .options import StageSources, stage_options
                    "artifact folder (see --force).")
 @click.option("--force", is_flag=True, help="Replace --out even when it holds other files than an artifact folder's.")
 @click.option("--formats", default="onnx,torchscript,tensorrt,openvino", show_default=True,
-              help="Comma-separated formats; those this machine cannot build are reported as skipped.")
+              help="Comma-separated formats; tensorrt and openvino are built from the ONNX file, which is built "
+                   "with them. Those this machine cannot build are reported as skipped; a request of which none can "
+                   "be built is refused.")
 @click.option("--min-batch", type=int, default=1, show_default=True)
 @click.option("--opt-batch", type=int, default=4, show_default=True)
 @click.option("--max-batch", type=int, default=16, show_default=True)
