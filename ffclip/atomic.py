@@ -20,18 +20,33 @@ def _umasked(mode: int) -> int:
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed over `path`, on failure removed."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    """Yield a temporary path beside `path`; on success it is renamed over `path`, on failure removed. Temporaries
+    that killed processes left beside `path` are removed first."""
+    with atomic_files(path) as (tmp,):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_files(*paths: str | os.PathLike) -> Iterator[tuple[Path, ...]]:
+    """Yield a temporary path beside each of `paths`; once all are written they are renamed over `paths` one after
+    the other, on failure all are removed, so a failure leaves every file as it was."""
+    targets = [Path(p) for p in paths]
+    temporaries: list[Path] = []
     try:
-        yield tmp_path
-        os.chmod(tmp_path, _umasked(0o666))
-        os.replace(tmp_path, target)
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _sweep_files(target)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            temporaries.append(Path(tmp))
+        yield tuple(temporaries)
+        for tmp in temporaries:
+            os.chmod(tmp, _umasked(0o666))
+        for tmp, target in zip(temporaries, targets):
+            os.replace(tmp, target)
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -48,8 +63,9 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _ours(target: Path) -> Iterator[tuple[Path, int, str]]:
-    """(path, pid, kind) of every temporary (`.tmp`) or set-aside (`.old`) folder `atomic_dir` made for `target`."""
+def _ours(target: Path, folders: bool = True) -> Iterator[tuple[Path, int, str]]:
+    """(path, pid, kind) of every temporary (`.tmp`) or set-aside (`.old`) folder `atomic_dir` made for `target`, or
+    with `folders` false, of every temporary file `atomic_files` made for it."""
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.(?:[^/]*\.(tmp)|(old))$")
     try:
         entries = list(target.parent.iterdir())
@@ -57,8 +73,16 @@ def _ours(target: Path) -> Iterator[tuple[Path, int, str]]:
         return
     for entry in entries:
         match = pattern.match(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink():
+        if match and not entry.is_symlink() and (entry.is_dir() if folders else entry.is_file() and match.group(2)):
             yield entry, int(match.group(1)), match.group(2) or match.group(3)
+
+
+def _sweep_files(target: Path) -> None:
+    """Remove the temporary files that processes no longer running left while writing `target` (best effort)."""
+    for entry, pid, _ in _ours(target, folders=False):
+        if pid != os.getpid() and not _running(pid):  # this process's own may be another thread's, being written
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 def recover_dir(path: str | os.PathLike) -> None:

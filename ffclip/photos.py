@@ -10,6 +10,8 @@ shrinking). `photo_batch` is that one conversion, for files and for tensors give
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,6 +25,9 @@ from .errors import InputError, summarize
 from .imaging import to_uint8
 
 MIN_PHOTO_SIZE = 64  # below this a face has too few pixels for an inversion worth having
+# Decoding costs about 30 bytes a pixel by the time the photo is resized; this bound keeps one photo under 2 GiB
+# and is well above a phone camera's full-resolution shot (48-50 megapixels).
+MAX_PHOTO_PIXELS = 64 * 2**20
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, SyntaxError)
 # An aligner: (upright RGB uint8 [H, W, 3] photo, output size, the photo's name for errors) -> uint8 [size, size, 3].
@@ -33,12 +38,20 @@ def open_photo(path: str | os.PathLike) -> Image.Image:
     """The photo at `path`, open but not decoded (the caller closes it); not an image, or smaller than
     `MIN_PHOTO_SIZE` on a side: `InputError`."""
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():  # PIL warns past a bound above MAX_PHOTO_PIXELS: the refusal below says more
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except _UNREADABLE as exc:
         raise InputError(f"{path}: not an image that can be read ({summarize(exc)}); give a PNG or JPEG photo") from None
     if min(image.size) < MIN_PHOTO_SIZE:
+        image.close()
         raise InputError(f"{path}: the photo is {image.size[0]}x{image.size[1]} pixels, too small to invert; give one "
                          f"of at least {MIN_PHOTO_SIZE} pixels on each side (256 or more is best)")
+    if image.size[0] * image.size[1] > MAX_PHOTO_PIXELS:
+        image.close()
+        raise InputError(f"{path}: the photo is {image.size[0]}x{image.size[1]} pixels "
+                         f"({image.size[0] * image.size[1] / 1e6:.0f} megapixels), more than the "
+                         f"{MAX_PHOTO_PIXELS / 1e6:.0f} megapixels a photo may have; scale it down first")
     return image
 
 
@@ -68,7 +81,8 @@ def read_photo(path: str | os.PathLike, size: int = PHOTO_SIZE, align: Align | N
 
 def photo_batch(images: torch.Tensor, size: int, where: str = "images") -> torch.Tensor:
     """Photos `[B, 3, H, W]`, uint8 or float in [-1, 1], as float32 in [-1, 1] resized to `size` x `size` (bilinear,
-    antialiased); `InputError` naming `where` for any other input."""
+    antialiased, clamped to [-1, 1], which the filter overshoots by rounding); `InputError` naming `where` for any
+    other input."""
     if not isinstance(images, torch.Tensor):
         raise InputError(f"{where}: photos must be a torch tensor, not {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0 or min(images.shape[2:]) < 1:
@@ -84,7 +98,7 @@ def photo_batch(images: torch.Tensor, size: int, where: str = "images") -> torch
     else:
         raise InputError(f"{where}: photos of dtype {images.dtype}; pass uint8 pixels or floats in [-1, 1]")
     if tuple(x.shape[2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp_(-1, 1)
     return x.contiguous()
 
 
@@ -132,3 +146,46 @@ def photo_latents(
     codes = torch.cat([encode(batch).float().cpu() for batch in inputs.split(8)])
     shown = torch.cat([photo_batch(x, resolution, str(p)) for x, p in zip(pixels, paths)])
     return codes, to_uint8(shown)
+
+
+# A name list holds one photo name a line, as UTF-8. So that any name a file system allows fits on one line and reads
+# back, a backslash is written as two, a byte that is not UTF-8 as \xNN, and a control character or line separator
+# as \uNNNN (as is a lone surrogate); other names are written as they are.
+_ESCAPE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_ESCAPED = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4})")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "\\":
+        return "\\\\"
+    if "\udc80" <= char <= "\udcff":  # an undecodable byte, as os.listdir gives it (surrogateescape)
+        return f"\\x{ord(char) - 0xDC00:02x}"
+    return f"\\u{ord(char):04x}"
+
+
+def _unescape(match: re.Match[str]) -> str:
+    code = match.group(1)
+    if code == "\\":
+        return "\\"
+    return chr(0xDC00 + int(code[1:], 16)) if code[0] == "x" else chr(int(code[1:], 16))
+
+
+def quote_name(name: str) -> str:
+    """`name` as one line of a name list (see above); a name without backslashes or control characters is itself."""
+    return _ESCAPE.sub(_escape, name)
+
+
+def unquote_name(line: str) -> str:
+    """The name that `quote_name` wrote as `line` (undecodable bytes as `os.fsdecode` gives them)."""
+    return _ESCAPED.sub(_unescape, line)
+
+
+def photo_names_text(paths: Sequence[str | os.PathLike]) -> str:
+    """The name list of the photos at `paths`, one quoted name a line, in their order."""
+    return "".join(f"{quote_name(Path(p).name)}\n" for p in paths)
+
+
+def read_photo_names(path: str | os.PathLike) -> list[str]:
+    """The photo names of a name list that `ffclip invert` wrote (`<codes>_files.txt`), in row order."""
+    return [unquote_name(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]

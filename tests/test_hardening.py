@@ -15,7 +15,7 @@ import pytest
 
 from cli_runner import run_cli
 
-from ffclip.atomic import atomic_dir
+from ffclip.atomic import atomic_dir, atomic_file
 from ffclip.errors import InputError
 from ffclip.artifacts import MANIFEST, ArtifactError, read_manifest
 
@@ -105,7 +105,7 @@ def test_sigterm_during_a_folder_write_removes_the_temporary(tmp_path):
     script = textwrap.dedent(
         """
         import os, time, click
-        from ffclip.atomic import atomic_dir
+        from ffclip.atomic import atomic_dir, atomic_file
         from ffclip.cli import _run
 
         @click.command()
@@ -125,6 +125,24 @@ def test_sigterm_during_a_folder_write_removes_the_temporary(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM and "terminated" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_write_killed_midway_leaves_a_temporary_the_next_write_removes(tmp_path):
+    target = tmp_path / "codes.npy"
+    script = "import os, signal, sys\nfrom ffclip.atomic import atomic_file\n" \
+             "with atomic_file(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half')\n" \
+             "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    killed = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".codes.npy.") and left[0].endswith(".tmp")
+    other = tmp_path / f".codes.npy.{os.getppid()}.x.tmp"  # a living process's write in progress: kept
+    other.write_bytes(b"being written")
+    (tmp_path / ".codes.npy.tmp").write_bytes(b"not one of ours")
+    with atomic_file(target) as tmp:
+        tmp.write_bytes(b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["codes.npy", other.name, ".codes.npy.tmp"])
+    assert target.read_bytes() == b"whole"
 
 
 # 7. malformed manifests get one line

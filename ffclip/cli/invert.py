@@ -33,7 +33,8 @@ from .options import align_option, artifact_options, open_aligner
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
     help="W+ codes to write (.npy, [photos, layers, width], usable as --latents); the photo names go beside it as "
-    "<name>_files.txt, one per row.",
+    "<name>_files.txt, one per row (UTF-8; a backslash, control character or byte that is not UTF-8 escaped as \\\\, "
+    "\\uNNNN or \\xNN). The two files are replaced together once both are written.",
 )
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True, help="Photos per batch.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
@@ -42,11 +43,11 @@ def invert(images: Path, align: Path | None, encoder: Path | None, artifacts: Pa
     """Invert face photos to W+ latent codes with the e4e encoder."""
     import torch
 
-    from ..atomic import atomic_file
+    from ..atomic import atomic_files
     from ..devices import resolve_device
     from ..latents import save_latents
     from ..photos import invert as invert_photos
-    from ..photos import list_photos
+    from ..photos import list_photos, photo_names_text
 
     if (encoder is None) == (artifacts is None):
         raise InputError("give the encoder either as --encoder e4e_ffhq_encode.pt or as --artifacts FOLDER (exported "
@@ -75,9 +76,9 @@ def invert(images: Path, align: Path | None, encoder: Path | None, artifacts: Pa
         click.echo(f"inverted {done}/{total} photos", err=True)
 
     codes = invert_photos(encode, paths, batch_size, report, aligner)
-    save_latents(out, codes)
     names = out.with_name(f"{out.stem}_files.txt")
-    with atomic_file(names) as tmp:
-        tmp.write_text("".join(f"{p.name}\n" for p in paths), encoding="utf-8")
+    with atomic_files(out, names) as (codes_tmp, names_tmp):
+        save_latents(codes_tmp, codes)
+        names_tmp.write_text(photo_names_text(paths), encoding="utf-8")
     click.echo(f"wrote {out} (W+ codes {list(codes.shape)})")
     click.echo(f"wrote {names} (the photo of each row)")
