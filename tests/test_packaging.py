@@ -61,3 +61,26 @@ def test_every_command_has_help(command):
 def test_public_api_names_resolve():
     for name in ("Generator", "Mapper", "TextEncoder", "EditPipeline"):
         assert getattr(ffclip, name).__name__ == name
+
+
+def _entry_points() -> dict[str, str]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+@pytest.mark.parametrize("args", [[name, flag] for name in sorted(_entry_points()) for flag in ("-h", "--help")]
+                         + [["ffclip", name, "-h"] for name in sorted(COMMANDS)])
+def test_every_entry_point_and_command_takes_h(args, monkeypatch, capsys):
+    import importlib
+
+    module, function = _entry_points()[args[0]].split(":")
+    monkeypatch.setattr(sys, "argv", args)
+    code = 0
+    try:
+        getattr(importlib.import_module(module), function)()
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert code in (0, None), err
+    assert out.startswith("Usage:") and not err

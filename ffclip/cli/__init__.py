@@ -27,6 +27,9 @@ COMMANDS = {
     "invert": "ffclip.cli.invert:invert",
 }
 
+# every entry point and command answers both
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
 HELP = {
     "edit": "Edit images from text prompts.",
     "export": "Export the three stages to ONNX, TorchScript and TensorRT.",
@@ -55,7 +58,7 @@ class LazyGroup(click.Group):
             formatter.write_dl([(name, HELP[name]) for name in self.list_commands(ctx)])
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="ffclip")
 def cli() -> None:
     """FFCLIP: free-form text-driven StyleGAN2 image editing."""
@@ -77,7 +80,7 @@ def _run(command: click.Command, prog_name: str) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        command.main(prog_name=prog_name, standalone_mode=False)
+        command.main(prog_name=prog_name, standalone_mode=False, **CONTEXT_SETTINGS)
     except FfclipError as exc:
         click.echo(f"{prog_name}: error: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)
