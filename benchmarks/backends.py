@@ -143,13 +143,15 @@ def module_stages(modules: tuple[Any, Any, Any], device: torch.device, precision
 
 @contextlib.contextmanager
 def open_stages(
-    backend: str, preset: str, device: torch.device, precision: str, artifacts: Path | None
+    backend: str, preset: str, device: torch.device, precision: str, artifacts: Path | None,
+    expected_sha256: str | None = None,
 ) -> Iterator[Runtime]:
-    """The `Runtime` of `backend`, closed on exit. eager and compile use the folder's weights when one is given."""
+    """The `Runtime` of `backend`, closed on exit, on `artifacts` pinned by `expected_sha256` when given. eager and
+    compile use the folder's weights when one is given."""
     if backend in RUNTIME_BACKENDS:
         if artifacts is None:
             raise RuntimeError(f"the {backend} backend needs an artifact folder")
-        stages = Runtime.load(artifacts, backend=backend, device=device, cache_size=0)
+        stages = Runtime.load(artifacts, backend=backend, device=device, cache_size=0, expected_sha256=expected_sha256)
     else:
         modules = build_modules(preset, device, artifacts)
         stages = module_stages(modules, device, precision, compiled=backend == "compile")

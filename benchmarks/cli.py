@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ffclip.config import DEFAULT_PRESET, PRESETS
 from ffclip.devices import resolve_device
-from ffclip.cli.options import folder_preset, preset_given
+from ffclip.cli.options import expect_sha256_option, folder_preset, preset_given
 from ffclip.errors import FfclipError, InputError
 from ffclip.outputs import check_output_folder
 
@@ -61,6 +61,7 @@ def _compare(paths: tuple[Path, Path]) -> None:
                    "depend on training).")
 @click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Exported artifact folder for the runtime backends; without it the benchmark exports its own.")
+@expect_sha256_option
 @click.option("--backends", default=",".join(BACKENDS), show_default=True,
               help="Comma-separated backends; those that cannot run here are listed as skipped with the reason.")
 @click.option("--stages", default=",".join(STAGES), show_default=True, help="Comma-separated stages.")
@@ -93,7 +94,8 @@ def _compare(paths: tuple[Path, Path]) -> None:
               help="Run the prepared GPU check instead (kernels against float64, mapper and generator forms at batch "
                    "1/8/32, the whole edit, TensorRT graph replay) into --out: gpu_check.json and gpu_check.md.")
 @click.option("--dry-run", "dry_run", is_flag=True, help="With --gpu-check: the same checks on the CPU at tiny shapes.")
-def bench(preset: str, artifacts: Path | None, backends: str, stages: str, batch: str | None, precision: str,
+def bench(preset: str, artifacts: Path | None, expect_sha256: str | None, backends: str, stages: str,
+          batch: str | None, precision: str,
           warmup: int | None, iters: int | None, budget: float, threads: int | None, accuracy_num: int, device: str,
           out: Path | None, compare_paths: tuple[Path, Path] | None, serve_load: bool, gpu_check: bool,
           dry_run: bool) -> None:
@@ -109,12 +111,12 @@ def bench(preset: str, artifacts: Path | None, backends: str, stages: str, batch
         _compare(compare_paths)
         return
     if serve_load:
-        _serve_load(preset, artifacts, out)
+        _serve_load(preset, artifacts, expect_sha256, out)
         return
     resolved = resolve_device(device)
     cuda = resolved.type == "cuda"
     if artifacts is not None:
-        preset = folder_preset(artifacts, preset, preset_given())
+        preset = folder_preset(artifacts, preset, preset_given(), expect_sha256)
     settings = Settings(
         preset=preset,
         device=str(resolved),
@@ -127,6 +129,7 @@ def bench(preset: str, artifacts: Path | None, backends: str, stages: str, batch
         budget_s=budget,
         threads=threads,
         artifacts=artifacts,
+        expected_sha256=expect_sha256,
         accuracy_num=accuracy_num,
     )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -145,14 +148,14 @@ def _gpu_check(out: Path | None, dry_run: bool) -> None:
         raise SystemExit(status)
 
 
-def _serve_load(preset: str, artifacts: Path | None, out: Path | None) -> None:
+def _serve_load(preset: str, artifacts: Path | None, expected_sha256: str | None, out: Path | None) -> None:
     from ffclip.cli.options import StageSources
 
     from ffclip.benchmarks.serve_load import Plan, markdown, run_load
 
     out = out or Path("artifacts") / "bench" / f"serve-{preset}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     results = run_load(StageSources(None, None, None, None, preset), artifacts, "auto", Plan(), out,
-                       lambda message: click.echo(message, err=True))
+                       lambda message: click.echo(message, err=True), expected_sha256)
     click.echo(markdown(results))
     click.echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")
 

@@ -68,6 +68,7 @@ class Settings:
     budget_s: float
     threads: int | None = None
     artifacts: Path | None = None
+    expected_sha256: str | None = None  # the pin of `artifacts`
     accuracy_num: int = DEFAULT_ACCURACY_NUM
 
     def to_dict(self) -> dict[str, Any]:
@@ -302,6 +303,7 @@ class Benchmark:
             precision=precision,
             reference=str(reference),
             artifacts=str(artifacts) if artifacts else None,
+            expected_sha256=self.settings.expected_sha256 if artifacts == self.settings.artifacts else None,
             cells=[asdict(c) for c in cells],
         )
         rows: list[dict[str, Any]] = []

@@ -109,8 +109,9 @@ def burst(url: str, count: int) -> dict[str, Any]:
 
 
 def run_load(sources: StageSources, artifacts: Path | None, backend: str, plan: Plan, out: Path,
-             say: Callable[[str], None]) -> dict[str, Any]:
-    """Start Ray on this machine, measure every server of `plan`, write results.json and results.md to `out`."""
+             say: Callable[[str], None], expected_sha256: str | None = None) -> dict[str, Any]:
+    """Start Ray on this machine, measure every server of `plan` (on `artifacts` pinned by `expected_sha256` when
+    given), write results.json and results.md to `out`."""
     try:
         import ray
         from ray import serve
@@ -121,8 +122,8 @@ def run_load(sources: StageSources, artifacts: Path | None, backend: str, plan: 
         raise InputError("the serve load test needs Ray Serve: pip install 'ffclip[serve]'") from None
 
     cores = os.cpu_count() or 1
-    base = ServeConfig(sources=sources, artifacts=artifacts, backend=backend, max_batch=plan.max_batch,
-                       queue=plan.queue)
+    base = ServeConfig(sources=sources, artifacts=artifacts, expected_sha256=expected_sha256, backend=backend,
+                       max_batch=plan.max_batch, queue=plan.queue)
     url = f"http://127.0.0.1:{plan.port}"
     rows, flood = [], None
     started, machine = time.time(), machine_info(torch.device("cpu"))

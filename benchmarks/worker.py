@@ -248,7 +248,7 @@ def time_cells(job: dict[str, Any], emit: Emit) -> None:
     with contextlib.ExitStack() as stack:
         try:
             stages = stack.enter_context(
-                open_stages(job["backend"], job["preset"], device, job["precision"], artifacts)
+                open_stages(job["backend"], job["preset"], device, job["precision"], artifacts, job["expected_sha256"])
             )
         except Exception as exc:  # a backend that cannot start still yields one row per cell
             status = "skipped" if isinstance(exc, FfclipError) else "error"

@@ -6,12 +6,13 @@ import os
 import posixpath
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from ffclip.artifacts import ArtifactError, StageInfo
-from ffclip.engines.base import StageEngine, cuda_reason
+from ffclip.engines.base import EngineUnavailable, StageEngine, cuda_reason
 from ffclip.errors import summarize
 
 
@@ -51,6 +52,16 @@ def external_data(model: bytes, folder: Path, name: str) -> list[str]:
     return found
 
 
+def _session(ort: ModuleType, model: bytes | str, options: Any, providers: list, path: Path) -> Any:
+    """An `InferenceSession` of `model` (bytes, or the path of a private copy); `EngineUnavailable` naming the
+    artifact `path` when ONNX Runtime cannot build one, e.g. for an operator it does not implement."""
+    try:
+        return ort.InferenceSession(model, options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors share no narrower base class
+        raise EngineUnavailable(f"{path}: ONNX Runtime cannot load it ({summarize(exc)}); re-export the folder with "
+                                "ffclip-export, or choose another backend") from None
+
+
 class OnnxRuntimeEngine(StageEngine):
     """Runs `onnx/<stage>.onnx` in one `InferenceSession` (whose `run` is safe to call from many threads)."""
 
@@ -76,11 +87,12 @@ class OnnxRuntimeEngine(StageEngine):
             providers = ["CPUExecutionProvider"]
         model = stage.read(self.folder, self.artifact)
         external = external_data(model, self.folder, stage.files[self.artifact])
+        path = stage.file(self.folder, self.artifact)
         if not external:
-            self._session = ort.InferenceSession(model, options, providers=providers)
+            self._session = _session(ort, model, options, providers, path)
         else:  # ONNX Runtime finds external data beside the model file: load from a private copy of checked bytes
             with stage.private_copy(self.folder, [stage.files[self.artifact], *external]) as tmp:
-                self._session = ort.InferenceSession(str(tmp / stage.files[self.artifact]), options, providers=providers)
+                self._session = _session(ort, str(tmp / stage.files[self.artifact]), options, providers, path)
 
     @classmethod
     def availability(cls, device: torch.device) -> str | None:

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ffclip.artifacts import StageInfo
+from ffclip.artifacts import MANIFEST, ArtifactError, StageInfo
 from ffclip.engines.base import EngineUnavailable, StageEngine
+from ffclip.errors import summarize
 
 MODES = ("auto", "latency", "throughput")
 # inference precision hint per ffclip precision name
@@ -33,17 +34,23 @@ def openvino_reason() -> str | None:
     return None
 
 
+def cpu_capabilities() -> tuple[str, list[str]]:
+    """The name of this CPU and its capabilities ("FP32", "BF16", ...) as OpenVINO reports them."""
+    import openvino as ov
+
+    core = ov.Core()
+    return core.get_property("CPU", "FULL_DEVICE_NAME"), list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
 def bf16_reason() -> str | None:
     """Why OpenVINO cannot compute in bf16 on this CPU, or None when it can (AVX-512 BF16 or AMX)."""
     reason = openvino_reason()
     if reason is not None:
         return reason
-    import openvino as ov
-
-    core = ov.Core()
-    if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+    name, capabilities = cpu_capabilities()
+    if "BF16" in capabilities:
         return None
-    return f"this CPU ({core.get_property('CPU', 'FULL_DEVICE_NAME')}) has neither AVX-512 BF16 nor AMX"
+    return f"this CPU ({name}) has neither AVX-512 BF16 nor AMX"
 
 
 class OpenVinoEngine(StageEngine):
@@ -61,6 +68,10 @@ class OpenVinoEngine(StageEngine):
         import openvino as ov
 
         self._precision = stage.entry.get("openvino", {}).get("inference_precision", "f32")
+        if self._precision not in INFERENCE_PRECISIONS.values():
+            raise ArtifactError(f"{folder / MANIFEST}: the {stage.name} OpenVINO model's inference precision "
+                                f"{self._precision!r} is none of {', '.join(INFERENCE_PRECISIONS.values())}; "
+                                f"re-export with ffclip-export --out {folder}")
         if self._precision == "bf16":
             reason = bf16_reason()
             if reason is not None:
@@ -72,7 +83,13 @@ class OpenVinoEngine(StageEngine):
         # from the checked bytes of the IR and its weights, not from the paths
         model = stage.read(self.folder, self.artifact)
         weights = stage.entry.get("openvino", {}).get("weights", stage.files[self.artifact].removesuffix(".xml") + ".bin")
-        self._model = self._core.read_model(model, stage.read_listed(self.folder, weights))
+        weights_bytes = stage.read_listed(self.folder, weights)
+        try:
+            self._model = self._core.read_model(model, weights_bytes)
+        except RuntimeError as exc:
+            raise ArtifactError(f"{stage.file(self.folder, self.artifact)}: OpenVINO cannot read it with "
+                                f"{self.folder / weights} ({_first_failure(exc)}); re-export with ffclip-export "
+                                f"--out {self.folder}") from None
         self._threads = threads
         self._mode = mode
         self._compile_lock = threading.Lock()
@@ -107,7 +124,12 @@ class OpenVinoEngine(StageEngine):
                 }
                 # the process's thread budget is torch's (set by torch.set_num_threads) unless `threads` is given
                 config["INFERENCE_NUM_THREADS"] = self._threads or torch.get_num_threads()
-                compiled = self._core.compile_model(self._model, "CPU", config)
+                try:
+                    compiled = self._core.compile_model(self._model, "CPU", config)
+                except RuntimeError as exc:
+                    raise ArtifactError(f"{self.stage.file(self.folder, self.artifact)}: OpenVINO cannot compile it "
+                                        f"({_first_failure(exc)}); re-export with ffclip-export --out "
+                                        f"{self.folder}") from None
                 if mode == "throughput":
                     count = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
                     self._pool = [compiled.create_infer_request() for _ in range(max(1, count))]
@@ -157,6 +179,12 @@ class OpenVinoEngine(StageEngine):
             self._idle.get_nowait()
         self._compiled.clear()
         del self._model, self._core
+
+
+def _first_failure(exc: RuntimeError) -> str:
+    """OpenVINO's message in one line: it opens with the source location and puts the failed check after it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[1:3]) or summarize(exc)
 
 
 def _wait_all(requests: list[Any]) -> None:

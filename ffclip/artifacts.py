@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -300,6 +300,8 @@ def read_manifest(folder: str | os.PathLike, verify: bool = True, expected_sha25
         raise ArtifactError(f"{path}: not UTF-8 text; {_reexport(folder)}") from None
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path}: not JSON ({summarize(exc)}); {_reexport(folder)}") from None
+    except RecursionError:
+        raise ArtifactError(f"{path}: JSON nested too deeply to read; {_reexport(folder)}") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path}: not a JSON object but a {type(manifest).__name__}; {_reexport(folder)}")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
@@ -351,8 +353,34 @@ def _check_form(folder: Path, manifest: dict[str, Any]) -> None:
                 and isinstance(t.get("shape"), list) and t["shape"][:1] == ["batch"]
                 and all(is_int(d) and d > 0 for d in t["shape"][1:]) for t in tensors),
                  f"stage {stage!r} needs {key} with a name, a dtype and a shape ['batch', sizes...]")
+            unknown = sorted({t["dtype"] for t in tensors if t["dtype"] not in DTYPES})
+            need(not unknown, f"stage {stage!r} gives its {key} the dtype {', '.join(map(repr, unknown))}, which is "
+                              f"none of {', '.join(DTYPES)}")
+        _check_sections(stage, entry, need)
     missing = [s for s in STAGES if s not in stages]
     need(not missing, f"'stages' lacks {', '.join(missing)}")
+
+
+def _check_sections(stage: str, entry: dict[str, Any], need: Callable[[bool, str], None]) -> None:
+    """Refuse the per-format sections of a stage entry that engines read when they are not objects, a compute
+    precision that is not one of `PRECISIONS`, or a TorchScript device that torch does not parse."""
+    for key in ("compute_precision", *entry["files"]):
+        need(isinstance(entry.get(key, {}), dict), f"stage {stage!r}: {key!r} must be an object")
+    for fmt, precision in entry.get("compute_precision", {}).items():
+        need(isinstance(precision, str) and precision in PRECISIONS,
+             f"stage {stage!r} computes {fmt} in {precision!r}, which is none of {', '.join(PRECISIONS)}")
+    if "torchscript" in entry["files"]:
+        device = entry.get("torchscript", {}).get("device", "cpu")
+        need(isinstance(device, str) and _parses_as_device(device),
+             f"stage {stage!r}: the torchscript device {device!r} is not a device such as cpu or cuda")
+
+
+def _parses_as_device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except RuntimeError:
+        return False
+    return True
 
 
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:

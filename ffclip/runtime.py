@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -110,6 +111,10 @@ class Runtime:
                       "Runtime.use_encoder)")
         limits = (max_batch, cache_size, memory_budget_mib, no_encoder)
         if backend != "auto":
+            if expected_sha256 is None and engine_class(backend).artifact not in DATA_ARTIFACTS:
+                warnings.warn(f"{folder} is not pinned, yet the {backend} backend runs the code its files hold; pin it "
+                              "with --expect-sha256 (Runtime.load's expected_sha256), the manifest sha256 that "
+                              "ffclip-export printed", stacklevel=2)
             return cls(_open_engines(folder, infos, backend, dev), *options, backend, dev, *limits)
         reasons = []
         for candidate in _candidates(infos, dev, pinned=expected_sha256 is not None):

@@ -138,22 +138,38 @@ def test_openvino_serves_only_the_cpu():
     assert OpenVinoEngine.availability(torch.device("cpu")) is None
 
 
-def test_reduced_precisions_the_cpu_lacks_are_refused_in_one_line():
+@pytest.fixture(params=[False, True], ids=["cpu-without-bf16", "cpu-with-bf16"])
+def has_bf16(request, monkeypatch) -> bool:
+    """This CPU made to report BF16 among its capabilities, or not, whatever it has."""
+    import ffclip.engines.openvino as engine
+
+    capabilities = ["FP32", "BF16"] if request.param else ["FP32"]
+    monkeypatch.setattr(engine, "cpu_capabilities", lambda: ("Test CPU", capabilities))
+    return request.param
+
+
+def test_reduced_precisions_the_cpu_lacks_are_refused_in_one_line(has_bf16):
     reason = openvino_skip_reason("fp16")
     assert "fp32 or bf16" in reason and "\n" not in reason
     assert openvino_skip_reason("fp32") is None
-    if bf16_reason() is not None:
+    if has_bf16:
+        assert openvino_skip_reason("bf16") is None and bf16_reason() is None
+    else:
         reason = openvino_skip_reason("bf16")
-        assert "AVX-512 BF16 nor AMX" in reason and "--precision fp32" in reason and "\n" not in reason
+        assert "Test CPU" in reason and "AVX-512 BF16 nor AMX" in reason and "--precision fp32" in reason
+        assert "\n" not in reason
 
 
-def test_bf16_ir_is_refused_on_a_cpu_without_bf16(folder):
-    if bf16_reason() is None:
-        pytest.skip("this CPU computes in bf16; the refusal applies to CPUs without AVX-512 BF16 or AMX")
+def test_a_bf16_ir_is_refused_only_on_a_cpu_without_bf16(folder, has_bf16):
     manifest = read_manifest(folder)
     manifest["stages"]["generator"]["openvino"]["inference_precision"] = "bf16"
-    with pytest.raises(EngineUnavailable, match="AVX-512 BF16 nor AMX"):
-        OpenVinoEngine(folder, StageInfo.from_manifest(manifest, "generator"), torch.device("cpu"))
+    info = StageInfo.from_manifest(manifest, "generator")
+    if has_bf16:
+        with OpenVinoEngine(folder, info, torch.device("cpu")) as engine:
+            assert engine._precision == "bf16"
+    else:
+        with pytest.raises(EngineUnavailable, match="Test CPU.*AVX-512 BF16 nor AMX.*--precision fp32"):
+            OpenVinoEngine(folder, info, torch.device("cpu"))
 
 
 def test_bf16_images_are_close_to_fp32(folder, tmp_path):

@@ -74,6 +74,7 @@ def edit(
     out: Path,
     device: str,
     artifacts: Path | None,
+    expect_sha256: str | None,
     backend: str,
 ) -> None:
     """Edit images from text prompts and write originals and edits as one PNG grid."""
@@ -106,7 +107,7 @@ def edit(
         from ..checkpoints import load_encoder
 
         photo_encoder = load_encoder(encoder, device=dev)
-    stages = _open_stages(sources, dev, artifacts, backend)
+    stages = _open_stages(sources, dev, artifacts, backend, expect_sha256)
     if encoder is not None:
         stages.use_encoder(photo_encoder, where=f"--encoder {encoder}")
     photos = None
@@ -135,8 +136,10 @@ def edit(
     click.echo(f"wrote {latents_path} (edited latents [{shape}]: prompts, batch, layers, width)")
 
 
-def _open_stages(sources: StageSources, device: torch.device, artifacts: Path | None, backend: str):
-    """The stages to run: an `EditPipeline` on checkpoints, or a `Runtime` on exported artifacts."""
+def _open_stages(sources: StageSources, device: torch.device, artifacts: Path | None, backend: str,
+                 expect_sha256: str | None = None):
+    """The stages to run: an `EditPipeline` on checkpoints, or a `Runtime` on exported artifacts (pinned by
+    `expect_sha256`, the sha256 of its manifest, when given)."""
     from ..pipeline import EditPipeline
 
     if artifacts is None:
@@ -154,6 +157,6 @@ def _open_stages(sources: StageSources, device: torch.device, artifacts: Path | 
         raise InputError("--generator/--mapper/--clip do not apply with --artifacts: the folder holds its own weights; "
                          "re-export it with ffclip-export to serve other checkpoints")
     folder_preset(artifacts, sources.preset, sources.preset_given)
-    runtime = Runtime.load(artifacts, backend=backend, device=device)
+    runtime = Runtime.load(artifacts, backend=backend, device=device, expected_sha256=expect_sha256)
     _say(f"serving from {artifacts} with the {runtime.backend} backend")
     return runtime

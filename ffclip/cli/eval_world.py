@@ -36,10 +36,10 @@ def report(preset: str = "world", num: int = 128, seed: int = 0, truncation: flo
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @artifact_options("Judge an ffclip-export folder instead of the checkpoints.")
 def eval_world(sources: StageSources, num: int, seed: int, truncation: float, device: str, artifacts: Path | None,
-               backend: str) -> None:
+               expect_sha256: str | None, backend: str) -> None:
     """Judge the shapes world: valid originals, and edits on seen and held-out phrasings."""
     from ..devices import resolve_device
     from .edit import _open_stages
 
-    stages = _open_stages(sources, resolve_device(device), artifacts, backend)
+    stages = _open_stages(sources, resolve_device(device), artifacts, backend, expect_sha256)
     report(sources.preset, num=num, seed=seed, truncation=truncation, stages=stages)

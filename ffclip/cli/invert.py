@@ -38,8 +38,8 @@ from .options import align_option, artifact_options, open_aligner
 )
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True, help="Photos per batch.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-def invert(images: Path, align: Path | None, encoder: Path | None, artifacts: Path | None, backend: str, out: Path,
-           batch_size: int, device: str) -> None:
+def invert(images: Path, align: Path | None, encoder: Path | None, artifacts: Path | None,
+           expect_sha256: str | None, backend: str, out: Path, batch_size: int, device: str) -> None:
     """Invert face photos to W+ latent codes with the e4e encoder."""
     import torch
 
@@ -69,7 +69,7 @@ def invert(images: Path, align: Path | None, encoder: Path | None, artifacts: Pa
     else:
         from ..runtime import Runtime
 
-        runtime = Runtime.load(artifacts, backend=backend, device=dev)
+        runtime = Runtime.load(artifacts, backend=backend, device=dev, expected_sha256=expect_sha256)
         encode = runtime.invert
 
     def report(done: int, total: int) -> None:

@@ -54,14 +54,40 @@ def _file(help_text: str) -> Callable:
     )
 
 
+def _pin(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--expect-sha256, checked to be a sha256 in hex (either case) before anything is opened."""
+    if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower())):
+        raise InputError(f"--expect-sha256 {value!r}: not a sha256 (64 hexadecimal digits); give the manifest sha256 "
+                         "that ffclip-export printed for the folder")
+    return value
+
+
+def expect_sha256_option(command: Callable) -> Callable:
+    """Add --expect-sha256, the pin of --artifacts (passed as `expect_sha256`, None when not given)."""
+    return click.option(
+        "--expect-sha256", "expect_sha256", default=None, callback=_pin, metavar="SHA256",
+        help="Pin --artifacts: the sha256 of its manifest.json, as ffclip-export printed it; any other folder is "
+        "refused. Without it, --backend auto opens only formats that are data, and torchscript or tensorrt, which "
+        "run code from the folder, warn.",
+    )(command)
+
+
 def artifact_options(artifacts_help: str) -> Callable[[Callable], Callable]:
-    """Add --artifacts (an ffclip-export folder, described by `artifacts_help`) and --backend to a command."""
+    """Add --artifacts (an ffclip-export folder, described by `artifacts_help`), --expect-sha256 and --backend to a
+    command."""
 
     def add(command: Callable) -> Callable:
-        command = click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
-                               help="Backend for --artifacts.")(command)
+        @functools.wraps(command)
+        def pinned_only_with_artifacts(**kwargs):
+            if kwargs["expect_sha256"] is not None and kwargs["artifacts"] is None:
+                raise InputError("--expect-sha256 pins the --artifacts folder; give --artifacts, or leave it out")
+            return command(**kwargs)
+
+        wrapped = click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
+                               help="Backend for --artifacts.")(pinned_only_with_artifacts)
+        wrapped = expect_sha256_option(wrapped)
         return click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-                            help=artifacts_help)(command)
+                            help=artifacts_help)(wrapped)
 
     return add
 
@@ -121,11 +147,12 @@ def preset_given() -> bool:
     return source not in (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
 
 
-def folder_preset(folder: Path, preset: str, given: bool) -> str:
-    """The preset an artifact folder was exported from; a --preset `given` that says otherwise is refused."""
+def folder_preset(folder: Path, preset: str, given: bool, expected_sha256: str | None = None) -> str:
+    """The preset an artifact folder was exported from; a --preset `given` that says otherwise is refused, and so is
+    a folder whose manifest is not the one `expected_sha256` pins."""
     from ..artifacts import read_manifest
 
-    exported = read_manifest(folder, verify=False).get("preset")
+    exported = read_manifest(folder, verify=False, expected_sha256=expected_sha256).get("preset")
     if given and exported != preset:
         raise InputError(f"--preset {preset} contradicts --artifacts {folder}, which was exported from preset "
                          f"{exported}; leave --preset out (the folder decides) or export that preset")

@@ -37,18 +37,20 @@ def _say(message: str) -> None:
               help="PyTorch threads in each replica [default: its --num-cpus, rounded down, at least 1].")
 @click.option("--address", default=None,
               help="Join this Ray cluster (ray://host:port, or auto) instead of starting a local one.")
-def serve(sources: StageSources, artifacts: Path | None, backend: str, device: str, host: str, port: int,
-          replicas: int, max_batch: int, queue: int, num_cpus: float, threads: int | None, address: str | None) -> None:
+def serve(sources: StageSources, artifacts: Path | None, expect_sha256: str | None, backend: str, device: str,
+          host: str, port: int, replicas: int, max_batch: int, queue: int, num_cpus: float, threads: int | None,
+          address: str | None) -> None:
     """Serve edits over HTTP on Ray Serve, with a web editor at /."""
     if artifacts is not None and not sources.is_embedded_default:
         raise InputError("--generator/--mapper/--clip do not apply with --artifacts: the folder holds its own weights")
     if artifacts is not None:
         from ..artifacts import read_manifest
 
-        read_manifest(artifacts)
+        read_manifest(artifacts, expected_sha256=expect_sha256)
     if address is None:
         _check_port(host, port)
-    config = ServeConfig(sources=sources, artifacts=artifacts, backend=backend, device=device, replicas=replicas,
+    config = ServeConfig(sources=sources, artifacts=artifacts, expected_sha256=expect_sha256, backend=backend,
+                         device=device, replicas=replicas,
                          max_batch=max_batch, queue=queue, num_cpus=num_cpus,
                          threads=threads or max(1, int(num_cpus)))
     ray, serve_api = _import_ray()

@@ -24,6 +24,7 @@ class ServeConfig:
 
     sources: StageSources | None = None
     artifacts: Path | None = None
+    expected_sha256: str | None = None  # the pin of `artifacts` (`Runtime.load`)
     backend: str = "auto"
     device: str = "cpu"
     replicas: int = 1
@@ -52,6 +53,7 @@ class Editor:
             from ..runtime import Runtime
 
             self.stages = Runtime.load(config.artifacts, backend=config.backend, device=device,
+                                       expected_sha256=config.expected_sha256,
                                        cache_size=config.cache_size)
             self.source = str(config.artifacts)
         self.backend = self.stages.backend
