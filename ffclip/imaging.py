@@ -43,9 +43,16 @@ def save_grid(
 
 
 def _fit(text: str, width: int, draw: ImageDraw.ImageDraw) -> str:
-    """`text`, shortened with an ellipsis until it fits in `width` pixels."""
-    if draw.textlength(text) <= width - 8:
+    """`text`, or its longest start that fits in `width` pixels with an ellipsis after it; a binary search, as the
+    drawn width grows with the length, so a long prompt costs a few dozen measurements."""
+    room = width - 8
+    if draw.textlength(text) <= room:
         return text
-    while text and draw.textlength(text + "...") > width - 8:
-        text = text[:-1]
-    return text + "..."
+    fits, fails = 0, len(text)  # the longest start known to fit, the shortest known not to
+    while fails - fits > 1:
+        middle = (fits + fails) // 2
+        if draw.textlength(text[:middle] + "...") <= room:
+            fits = middle
+        else:
+            fails = middle
+    return text[:fits] + "..."
