@@ -92,7 +92,7 @@ def call(stages: Runtime, stage: str, inputs: dict[str, Any]) -> torch.Tensor:
     if stage == "mapper":
         return stages.modulate(inputs["latents"], inputs["embeddings"])
     if stage == "generator":
-        return stages.synthesize(inputs["latents"])
+        return stages.synthesize(inputs["latents"], as_float=True)
     return torch.cat(list(stages.edited(inputs["latents"], inputs["prompts"])))
 
 

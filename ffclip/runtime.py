@@ -2,7 +2,8 @@
 
 The runtime checks the folder against its manifest, validates inputs, splits batches into chunks that an engine
 takes and that fit a memory budget, caches text embeddings per prompt and may be called from many threads at once.
-Outputs are float32 tensors on the runtime's device; `edit` returns uint8 images on the CPU. This is the one edit
+Images (`synthesize`, `edit`) are uint8 `[B, R, R, 3]` on the CPU, or with `as_float=True` the generator's float32
+`[B, 3, R, R]`, roughly in [-1, 1], on the runtime's device; latents and embeddings are float32 on the device. This is the one edit
 path: `ffclip.pipeline.EditPipeline` is a `Runtime` over eager engines of in-memory modules. A folder exported with
 the photo encoder (or a runtime given one with `use_encoder`) also inverts photos to latents (`invert`), so a service
 goes from a photo to its edits through one runtime.
@@ -184,10 +185,12 @@ class Runtime:
         e = check_embeddings(embeddings, w.shape[0], self.embed_dim)
         return self._run("mapper", {"w": w, "embedding": e})["w_edit"]
 
-    def synthesize(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images float32 `[B, 3, R, R]`, roughly in [-1, 1], from latents `[B, L, D]` (or `[B, D]`)."""
+    def synthesize(self, latents: torch.Tensor, *, as_float: bool = False) -> torch.Tensor:
+        """Images uint8 `[B, R, R, 3]` (CPU) from latents `[B, L, D]` (or `[B, D]`); with `as_float`, the generator's
+        float32 `[B, 3, R, R]`, roughly in [-1, 1], on the device."""
         w = check_latents(latents, self.num_ws, self.embed_dim).to(self._device)
-        return self._run("generator", {"w": w})["image"]
+        images = self._run("generator", {"w": w})["image"]
+        return images if as_float else to_uint8(images)
 
     @property
     def has_encoder(self) -> bool:
@@ -214,17 +217,20 @@ class Runtime:
         return self._run("encoder", {"images": photo_batch(images, int(size))})["w"]
 
     def edit(self, latents: torch.Tensor, prompts: str | Sequence[str],
-             strength: float | Sequence[float] | torch.Tensor = 1.0) -> torch.Tensor:
-        """Edited images uint8 `[B, R, R, 3]` (CPU). `prompts` is one prompt applied to every latent, or a list of
-        exactly one prompt per latent; `strength` (one, or one per latent) scales the edit (`ffclip.strength`)."""
-        return self.edit_with_latents(latents, prompts, strength)[0]
+             strength: float | Sequence[float] | torch.Tensor = 1.0, *, as_float: bool = False) -> torch.Tensor:
+        """Edited images, as `synthesize` gives them: uint8 `[B, R, R, 3]` (CPU), or float with `as_float`. `prompts`
+        is one prompt applied to every latent, or a list of exactly one prompt per latent; `strength` (one, or one
+        per latent) scales the edit (`ffclip.strength`)."""
+        return self.edit_with_latents(latents, prompts, strength, as_float=as_float)[0]
 
     def edit_with_latents(self, latents: torch.Tensor, prompts: str | Sequence[str],
-                          strength: float | Sequence[float] | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                          strength: float | Sequence[float] | torch.Tensor = 1.0, *, as_float: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """The images of `edit` and the edited latents they were synthesized from, float32 `[B, L, D]` on the
         device (the mapper's output with `strength` applied)."""
-        # chunk by chunk, so only the uint8 images of the whole batch are held
-        chunks = [(w, to_uint8(images)) for w, images in self._edit_chunks(*self._edit_inputs(latents, prompts, strength))]
+        # chunk by chunk, so without `as_float` only the uint8 images of the whole batch are held
+        chunks = [(w, images if as_float else to_uint8(images))
+                  for w, images in self._edit_chunks(*self._edit_inputs(latents, prompts, strength))]
         return torch.cat([images for _, images in chunks]), torch.cat([w for w, _ in chunks])
 
     def edited(self, latents: torch.Tensor, prompts: str | Sequence[str],
@@ -250,7 +256,7 @@ class Runtime:
         for i in range(0, w.shape[0], step):
             wi, ei = w[i : i + step], e if e.shape[0] == 1 else e[i : i + step]
             w_edit = apply_strength(wi, self.modulate(wi, ei), 1.0 if s is None else s[i : i + step])
-            yield w_edit, self.synthesize(w_edit)
+            yield w_edit, self.synthesize(w_edit, as_float=True)
 
     def chunk_rows(self, stage: str) -> int:
         """The most rows one call of `stage`'s engine gets: the engine's own limit, `max_batch`, and the rows whose

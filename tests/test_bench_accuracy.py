@@ -7,7 +7,7 @@ from ffclip.benchmarks import report
 from ffclip.benchmarks.runner import Cell, Settings, unjudged_reason
 from ffclip.benchmarks.worker import ChunkedEditor, judge_edits
 from ffclip.world.captions import SPLITS, all_edit_prompts
-from ffclip.world.scenes import render, render_uint8, sample_scenes
+from ffclip.world.scenes import render_uint8, sample_scenes
 
 
 class SceneEditor:
@@ -26,7 +26,7 @@ class SceneEditor:
 
     def synthesize(self, latents):
         self.batches.append(len(latents))
-        return render([self.scenes[int(i)] for i in latents[:, 0]])
+        return render_uint8([self.scenes[int(i)] for i in latents[:, 0]])
 
     def edit(self, latents, prompts):
         if self.failing:

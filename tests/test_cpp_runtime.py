@@ -22,7 +22,6 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from ffclip.export.exporter import ExportOptions, export_artifacts
 from ffclip.factory import build_preset
-from ffclip.imaging import to_uint8
 from ffclip.models.text_encoder import tokenize
 from ffclip.runtime import Runtime
 
@@ -92,7 +91,7 @@ def test_cpp_runtime_matches_python(tmp_path: Path) -> None:
     with Runtime.load(artifacts, "torchscript", "cpu") as runtime:
         w = torch.randn(len(PROMPTS), runtime.num_ws, runtime.embed_dim, generator=torch.Generator().manual_seed(3))
         expected_edit = _side_by_side(runtime.edit(w, PROMPTS))
-        expected_synth = _side_by_side(to_uint8(runtime.synthesize(w)))
+        expected_synth = _side_by_side(runtime.synthesize(w))
     latents, tokens = tmp_path / "latents.npy", tmp_path / "tokens.npy"
     np.save(latents, w.numpy())
     np.save(tokens, tokenize(SimpleTokenizer(context_length=77), PROMPTS).numpy())

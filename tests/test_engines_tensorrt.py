@@ -35,7 +35,7 @@ def test_tensorrt_export_and_runtime_match_eager(tmp_path):
     assert all(o.status == "built" for o in report.outcomes if o.format == "tensorrt")
     w = torch.randn(6, TINY.mapper.num_ws, 512)
     with Runtime.load(tmp_path / "a", "tensorrt", "cuda") as trt, Runtime.load(tmp_path / "a", "eager", "cuda") as ref:
-        assert (trt.synthesize(w) - ref.synthesize(w)).abs().max().item() < 1e-2
+        assert (trt.synthesize(w, as_float=True) - ref.synthesize(w, as_float=True)).abs().max().item() < 1e-2
 
 
 # --- logic that runs without TensorRT, on fake TensorRT and CUDA objects ---

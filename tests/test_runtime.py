@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 from export_fixtures import TINY
@@ -53,11 +54,11 @@ def test_backends_agree_on_every_stage_and_edit(folder, runtimes):
         rt = runtimes[name]
         assert (rt.encode_text(prompts) - e_ref).abs().max() <= 1e-4 * e_ref.abs().max()
         assert errors(rt.modulate(w, e_ref), w_edit64)[1] <= MAPPER_TOLERANCE.value
-        assert (rt.synthesize(w) - ref.synthesize(w)).abs().max() <= 1e-3
+        assert (rt.synthesize(w, as_float=True) - ref.synthesize(w, as_float=True)).abs().max() <= 1e-3
         edited = rt.edit(w, "a smiling face")
         assert edited.dtype == torch.uint8 and edited.shape == (3, 32, 32, 3)
         e = rt.encode_text(["a smiling face"]).expand(3, -1)
-        same_latents = to_uint8(ref.synthesize(rt.modulate(w, e)))
+        same_latents = ref.synthesize(rt.modulate(w, e))
         assert (edited.int() - same_latents.int()).abs().max() <= 1
 
 
@@ -66,10 +67,37 @@ def test_auto_picks_onnxruntime_on_cpu(folder):
         assert rt.backend == "onnxruntime" and rt.num_ws == TINY.mapper.num_ws and rt.resolution == 32
 
 
-def test_batches_larger_than_the_engine_are_split(folder, runtimes):
+def test_synthesize_and_edit_give_the_same_image_type(runtimes):
+    rt, w = runtimes["eager"], _latents(2)
+    images = rt.synthesize(w)
+    assert images.dtype == torch.uint8 and images.shape == (2, 32, 32, 3) and images.device.type == "cpu"
+    raw = rt.synthesize(w, as_float=True)
+    assert raw.dtype == torch.float32 and raw.shape == (2, 3, 32, 32)
+    assert torch.equal(images, to_uint8(raw))
+    edited, w_edit = rt.edit_with_latents(w, "a red circle")
+    assert torch.equal(edited, rt.synthesize(w_edit)) and torch.equal(rt.edit(w, "a red circle"), edited)
+    assert torch.equal(rt.edit(w, "a red circle", as_float=True), rt.synthesize(w_edit, as_float=True))
+
+
+def _count_rows(rt: Runtime, stage: str) -> list[int]:
+    """The rows of every call `rt` makes to its `stage` engine from now on."""
+    seen: list[int] = []
+    engine = rt._engines[stage]
+    real = engine.run
+    engine.run = lambda inputs: seen.append(next(iter(inputs.values())).shape[0]) or real(inputs)
+    return seen
+
+
+def test_batches_larger_than_max_batch_are_split(folder, runtimes):
     w = _latents(5)
     with Runtime.load(folder, "onnxruntime", "cpu", max_batch=2) as small:
-        assert torch.allclose(small.synthesize(w), runtimes["onnxruntime"].synthesize(w), atol=1e-5)
+        rows = {stage: _count_rows(small, stage) for stage in ("text_encoder", "mapper", "generator")}
+        prompts = [f"prompt {i}" for i in range(5)]
+        edited = small.edit(w, prompts).int()
+        assert (edited - runtimes["onnxruntime"].edit(w, prompts).int()).abs().max() <= 1
+        assert torch.allclose(small.synthesize(w, as_float=True), runtimes["onnxruntime"].synthesize(w, as_float=True),
+                              atol=1e-5)
+    assert rows == {"text_encoder": [2, 2, 1], "mapper": [2, 2, 1], "generator": [2, 2, 1, 2, 2, 1]}
 
 
 def test_threads_give_the_serial_results(runtimes):
@@ -117,7 +145,11 @@ def test_edit_command_serves_from_artifacts(folder, tmp_path, monkeypatch, capsy
                                       "--num", "2", "--prompt", "curly hair", "--out", str(out), "--device", "cpu"])
     main()
     assert "onnxruntime backend" in capsys.readouterr().err
-    assert out.exists() and (tmp_path / "served_latents.npy").exists()
+    assert out.exists()
+    with Runtime.load(folder, "onnxruntime", "cpu") as rt:  # the command's defaults: seed 0, truncation 0.7
+        _, expected = rt.edit_with_latents(rt.sample_latents(2, 0, 0.7), "curly hair")
+    served = torch.from_numpy(np.load(tmp_path / "served_latents.npy"))
+    assert served.shape == (1, *expected.shape) and torch.equal(served[0], expected)
 
 
 def test_triton_backend_serves_the_kernel_forms(folder, runtimes):
@@ -274,8 +306,6 @@ def test_onnx_external_data_outside_the_folder_is_refused_and_auto_falls_back(fo
 
 
 def test_runtime_and_pipeline_take_the_same_inputs(folder, runtimes):
-    import numpy as np
-
     from ffclip.pipeline import EditPipeline
 
     pipe = EditPipeline(*(load_module(folder / f"{s}.safetensors") for s in ("text_encoder", "mapper", "generator")))
@@ -289,7 +319,8 @@ def test_runtime_and_pipeline_take_the_same_inputs(folder, runtimes):
         for latents in (flipped, grad, w):
             assert stages.modulate(latents, e).shape == w.shape
             assert stages.modulate(latents, e[0]).shape == w.shape
-            assert stages.synthesize(latents).shape == (2, 3, 32, 32)
+            assert stages.synthesize(latents).shape == (2, 32, 32, 3)
+            assert stages.synthesize(latents, as_float=True).shape == (2, 3, 32, 32)
         images = stages.edit(grad, "curly hair")
         assert images.shape == (2, 32, 32, 3) and images.dtype == torch.uint8
         with pytest.raises(InputError, match="prompt"):
@@ -301,11 +332,9 @@ def test_large_batches_run_in_chunks_within_the_memory_budget(folder, runtimes):
     with Runtime.load(folder, "onnxruntime", "cpu", memory_budget_mib=0.001) as small:
         rows = small.chunk_rows("generator")
         assert rows >= 1
-        seen = []
-        engine = small._engines["generator"]
-        real = engine.run
-        engine.run = lambda inputs: seen.append(inputs["w"].shape[0]) or real(inputs)
-        assert torch.allclose(small.synthesize(w), runtimes["onnxruntime"].synthesize(w), atol=1e-5)
+        seen = _count_rows(small, "generator")
+        assert torch.allclose(small.synthesize(w, as_float=True), runtimes["onnxruntime"].synthesize(w, as_float=True),
+                              atol=1e-5)
         assert max(seen) == rows < 7 and sum(seen) == 7
     assert runtimes["onnxruntime"].chunk_rows("generator") >= 4
 

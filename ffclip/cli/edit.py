@@ -79,7 +79,7 @@ def edit(
 ) -> None:
     """Edit images from text prompts and write originals and edits as one PNG grid."""
     from ..devices import resolve_device
-    from ..imaging import save_grid, to_uint8
+    from ..imaging import save_grid
     from ..latents import load_latents, save_latents
     from ..strength import check_strength
 
@@ -120,7 +120,7 @@ def edit(
         w = stages.sample_latents(num, seed, truncation)
 
     _say(f"rendering {w.shape[0]} original(s) at {stages.resolution} px")
-    columns = [to_uint8(stages.synthesize(w))]
+    columns = [stages.synthesize(w)]
     edited = []
     for i, prompt in enumerate(prompts):
         _say(f"editing [{i + 1}/{len(prompts)}] {prompt!r}")

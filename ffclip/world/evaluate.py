@@ -23,7 +23,7 @@ class Editor(Protocol):
 
     def sample_latents(self, num: int, seed: int = 0, truncation: float = 1.0) -> torch.Tensor: ...
 
-    def synthesize(self, latents: torch.Tensor) -> torch.Tensor: ...
+    def synthesize(self, latents: torch.Tensor) -> torch.Tensor: ...  # uint8 [B, R, R, 3], as `edit`
 
     def edit(self, latents: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor: ...
 
@@ -100,6 +100,4 @@ def edit_accuracy(editor: Editor, num: int = 128, seed: int = 0, split: str = "h
 
 
 def _originals(editor: Editor, latents: torch.Tensor) -> torch.Tensor:
-    from ..imaging import to_uint8
-
-    return to_uint8(torch.as_tensor(editor.synthesize(latents)))
+    return torch.as_tensor(editor.synthesize(latents))
