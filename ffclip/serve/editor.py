@@ -35,6 +35,24 @@ class ServeConfig:
     threads: int | None = None  # None: what Ray gives the replica (its num_cpus)
     cache_size: int = 1024
     retry_after_s: int = 1
+    edit_timeout_s: float = 60.0
+    health_timeout_s: float = 5.0
+    body_timeout_s: float = 10.0
+    max_uploads: int = 256
+
+    @property
+    def editor_slots(self) -> int:
+        """Requests one editor replica holds at once: a batch running and a batch gathering."""
+        return 2 * self.max_batch
+
+    @property
+    def world_text_encoder(self) -> bool:
+        """Whether the text encoder served is the world's, trained on a known vocabulary."""
+        from ..world.vocabulary import folder_has_world_text_encoder, is_world_text_encoder
+
+        if self.artifacts is not None:
+            return folder_has_world_text_encoder(self.artifacts)
+        return is_world_text_encoder(self.sources.preset, self.sources.clip)
 
 
 class Editor:
@@ -59,16 +77,16 @@ class Editor:
         self.backend = self.stages.backend
 
     def info(self) -> dict:
-        """What is served: source, backend, resolution and number of style layers."""
+        """What is served: source, backend, resolution, and the number and width of the style layers."""
         return {"source": self.source, "backend": self.backend, "resolution": self.stages.resolution,
-                "num_ws": self.stages.num_ws}
+                "num_ws": self.stages.num_ws, "latent_dim": self.stages.embed_dim}
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """CLIP embeddings `[P, D]` on the CPU, computed once per prompt string while it stays in the cache."""
         return self.stages.encode_text(prompts).cpu()
 
     def latents(self, requests: list[EditRequest]) -> torch.Tensor:
-        """`w+ [B, L, 512]`: each request's own latents, or its seed through the mapping network."""
+        """`w+ [B, L, D]`: each request's own latents, or its seed through the mapping network."""
         return torch.stack([
             r.latents if r.latents is not None else self.stages.sample_latents(1, r.seed, r.truncation)[0]
             for r in requests
