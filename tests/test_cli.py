@@ -15,6 +15,15 @@ RES = get_preset(DEFAULT_PRESET).generator.resolution
 DIM = get_preset(DEFAULT_PRESET).generator.style_dim
 
 
+def _pipeline(mapper=None):
+    """The default preset's stages in process, with the mapper file `mapper` when given."""
+    from ffclip.checkpoints import load_generator, load_mapper, load_text_encoder
+    from ffclip.pipeline import EditPipeline
+
+    return EditPipeline(load_text_encoder(None, None, preset=DEFAULT_PRESET), load_mapper(mapper, preset=DEFAULT_PRESET),
+                        load_generator(None, preset=DEFAULT_PRESET))
+
+
 def assert_user_error(code, err, *fragments):
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -48,7 +57,9 @@ def test_edit_reads_latents_and_broadcasts_w(monkeypatch, capsys, tmp_path):
     code, _, err = run(monkeypatch, capsys, "edit", "--latents", w, "--prompt", "red hair",
                        "--out", tmp_path / "one.png", "--device", "cpu")
     assert code == 0, err
-    assert np.load(tmp_path / "one_latents.npy").shape == (1, 1, NUM_WS, DIM)
+    every_layer = torch.from_numpy(np.load(w)).unsqueeze(1).expand(-1, NUM_WS, -1)
+    _, expected = _pipeline().edit_with_latents(every_layer, "red hair")
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "one_latents.npy")), expected.unsqueeze(0))
 
 
 def test_wrong_kind_of_checkpoint(monkeypatch, capsys, tmp_path):
@@ -134,6 +145,10 @@ def test_train_then_edit_with_the_trained_mapper(monkeypatch, capsys, tmp_path):
     code, _, err = run(monkeypatch, capsys, "edit", "--mapper", mapper, "--num", 1, "--prompt", "grey hair",
                        "--out", tmp_path / "trained.png", "--device", "cpu")
     assert code == 0, err
+    edited = torch.from_numpy(np.load(tmp_path / "trained_latents.npy"))[0]
+    for stages, same in ((_pipeline(mapper), True), (_pipeline(), False)):
+        _, expected = stages.edit_with_latents(stages.sample_latents(1, 0, 0.7), "grey hair")  # the command's defaults
+        assert torch.equal(edited, expected) == same
 
 
 def test_train_resume_needs_saved_state(monkeypatch, capsys, tmp_path):
@@ -146,3 +161,11 @@ def test_checkpoints_and_artifacts_do_not_mix(monkeypatch, capsys, tmp_path):
     code, _, err = run(monkeypatch, capsys, "edit", "--artifacts", tmp_path, "--mapper", mapper_file, "--prompt", "x",
                        "--out", tmp_path / "g.png", "--device", "cpu")
     assert_user_error(code, err, "--artifacts")
+
+
+def test_edit_names_the_words_the_world_never_saw_once_per_prompt(monkeypatch, capsys, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "edit", "--num", 1, "--prompt", "make it orange", "--prompt", "make it red",
+                       "--prompt", "make it orange", "--out", tmp_path / "g.png", "--device", "cpu")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "never saw" in line]
+    assert len(notes) == 1 and "'make it orange'" in notes[0] and "'orange'" in notes[0], err

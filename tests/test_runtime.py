@@ -363,3 +363,15 @@ def test_bench_measures_what_a_reduced_precision_folder_holds_on_the_cpu(folder,
     bench = Benchmark(settings)
     assert bench._source("onnxruntime", "fp32", {}) == copy
     assert bench._source("torchscript", "fp32", {}) == copy
+
+
+def test_a_folder_says_whether_its_text_encoder_is_the_worlds(folder, tmp_path):
+    from ffclip.world.vocabulary import folder_has_world_text_encoder
+
+    copy = _copy(folder, tmp_path)
+    assert not folder_has_world_text_encoder(copy)  # the tiny preset
+    world = {"embedded_default": "trained weights of preset world (text_encoder.safetensors)"}
+    _rewrite_manifest(copy, lambda m: m.update(preset="world", sources={"text_encoder": world}))
+    assert folder_has_world_text_encoder(copy)
+    _rewrite_manifest(copy, lambda m: m.update(sources={"text_encoder": {"path": "ViT-B-32.pt", "sha256": "0" * 64}}))
+    assert not folder_has_world_text_encoder(copy)

@@ -108,6 +108,7 @@ def edit(
 
         photo_encoder = load_encoder(encoder, device=dev)
     stages = _open_stages(sources, dev, artifacts, backend, expect_sha256)
+    _say_unseen_words(prompts, sources, artifacts)
     if encoder is not None:
         stages.use_encoder(photo_encoder, where=f"--encoder {encoder}")
     photos = None
@@ -134,6 +135,23 @@ def edit(
     click.echo(f"wrote {out} ({len(titles)} columns x {w.shape[0]} rows)")
     shape = ", ".join(str(n) for n in (len(prompts), *w.shape))
     click.echo(f"wrote {latents_path} (edited latents [{shape}]: prompts, batch, layers, width)")
+
+
+def _say_unseen_words(prompts: tuple[str, ...], sources: StageSources, artifacts: Path | None) -> None:
+    """Name, once per prompt, the words the world's text encoder never saw in training (they carry no meaning for
+    it); other text encoders have no such list."""
+    from ..world.vocabulary import folder_has_world_text_encoder, is_world_text_encoder, unseen_words
+
+    world = (is_world_text_encoder(sources.preset, sources.clip) if artifacts is None
+             else folder_has_world_text_encoder(artifacts))
+    if not world:
+        return
+    for prompt in dict.fromkeys(prompts):
+        unseen = unseen_words(prompt)
+        if unseen:
+            _say(f"note: {prompt!r}: the world's text encoder never saw {', '.join(map(repr, unseen))} in training, "
+                 "so the edit may not follow the prompt; use the world's words (its colours, shapes, sizes and "
+                 "backgrounds)")
 
 
 def _open_stages(sources: StageSources, device: torch.device, artifacts: Path | None, backend: str,
