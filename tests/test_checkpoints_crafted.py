@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from ffclip.checkpoints import load_generator, load_mapper, load_text_encoder, save_module
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ffclip.checkpoints import load_encoder, load_face_parser, load_generator, load_mapper, load_text_encoder, save_module
 from ffclip.checkpoints.bundle import save_bundle
 from ffclip.checkpoints.safe_pickle import load_torch_file
 from ffclip.config import MapperConfig
@@ -38,6 +41,31 @@ def _refused(loader, path, *phrases: str) -> str:
     for phrase in phrases:
         assert phrase in message, message
     return message
+
+
+class Allocations(TorchDispatchMode):
+    """Every tensor an operation returns, seen where PyTorch dispatches it: `largest` is the most bytes of memory
+    (not meta) that one of them holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                self.largest = max(self.largest, tensor.untyped_storage().nbytes())
+        return out
+
+
+def test_the_allocation_spy_sees_a_module_built_for_real():
+    with Allocations() as seen:
+        build_mapper(MapperConfig(num_ws=4, dim=512, num_blocks=1))
+    assert seen.largest >= 512 * 512 * 4
+    with Allocations() as seen, torch.device("meta"):
+        build_mapper(MapperConfig(num_ws=4, dim=512, num_blocks=1))
+    assert seen.largest == 0
 
 
 def _with_g_ema(checkpoint: dict, **changes: torch.Tensor) -> dict:
@@ -163,14 +191,13 @@ def test_bundle_config_out_of_bounds(tmp_path, kind, config, phrase):
     _refused(load_module, path, "unusable config", phrase)
 
 
-def test_bundle_config_larger_than_its_tensors(tmp_path, monkeypatch):
+def test_bundle_config_larger_than_its_tensors(tmp_path):
     small = build_mapper(MapperConfig(num_ws=4, dim=8, num_blocks=1))
     path = tmp_path / "mapper.safetensors"
     save_bundle(path, "mapper", {"num_ws": 4, "dim": 8192, "num_blocks": 1}, small.state_dict())
-    allocated = []
-    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", lambda self: allocated.append(self.weight.device.type))
-    _refused(load_mapper, path, "mismatched shapes", "[8192, 8192]")
-    assert set(allocated) <= {"meta"}
+    with Allocations() as seen:
+        _refused(load_mapper, path, "mismatched shapes", "[8192, 8192]")
+    assert seen.largest < 2**20
 
 
 def test_zero_sized_tensor_claiming_a_huge_width(tmp_path, checkpoint):
@@ -179,13 +206,41 @@ def test_zero_sized_tensor_claiming_a_huge_width(tmp_path, checkpoint):
     _refused(load_generator, path, "unusable config")
 
 
-def test_zero_sized_tensor_within_bounds_is_not_allocated(tmp_path, checkpoint, monkeypatch):
+def test_zero_sized_tensor_within_bounds_is_not_allocated(tmp_path, checkpoint):
     path = tmp_path / "g.pt"
     torch.save(_with_g_ema(checkpoint, **{"input.input": torch.zeros(1, 8192, 0, 4)}), path)
-    allocated = []
-    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", lambda self: allocated.append(self.weight.device.type))
-    _refused(load_generator, path, "mismatched shapes", "synthesis_network.const")
-    assert set(allocated) <= {"meta"}
+    with Allocations() as seen:
+        _refused(load_generator, path, "mismatched shapes", "synthesis_network.const")
+    assert seen.largest < 2**20
+
+
+def test_an_e4e_file_naming_thousands_of_style_heads_is_refused_before_building(tmp_path):
+    path = tmp_path / "e4e.pt"
+    state = {"encoder.styles.16383.linear.weight": torch.zeros(1), "encoder.input_layer.0.weight": torch.zeros(1)}
+    torch.save({"state_dict": state, "latent_avg": torch.zeros(512), "opts": {}}, path)
+    assert path.stat().st_size < 4096
+    with Allocations() as seen:
+        _refused(load_encoder, path, "unusable config", "n_styles", "16384")
+    assert seen.largest < 2**20
+
+
+def test_a_face_parser_of_an_outsized_width_is_refused_before_any_allocation(tmp_path):
+    path = tmp_path / "parsenet.pth"
+    torch.save({"conv1.conv1.0.weight": torch.zeros(()).expand(16384, 3, 3, 3),
+                "final.weight": torch.zeros(()).expand(19, 16384, 1, 1)}, path)
+    assert path.stat().st_size < 4096
+    with Allocations() as seen:
+        _refused(load_face_parser, path, "unusable config", "width", "16384")
+    assert seen.largest < 2**20
+
+
+def test_a_face_parser_within_the_bounds_is_still_not_allocated_before_its_tensors_are_checked(tmp_path):
+    path = tmp_path / "parsenet.pth"
+    torch.save({"conv1.conv1.0.weight": torch.zeros(()).expand(512, 3, 3, 3),
+                "final.weight": torch.zeros(()).expand(19, 512, 1, 1)}, path)
+    with Allocations() as seen:
+        _refused(load_face_parser, path, "do not match")
+    assert seen.largest < 2**20
 
 
 @pytest.mark.parametrize(

@@ -7,17 +7,14 @@ then decide whether the module is built at all.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from ..config import GeneratorConfig, MapperConfig, TextConfig
 from ..models.encoder import EncoderConfig
-from ..models.face_parser import FaceParserConfig
+from ..models.face_parser import LEVELS, FaceParserConfig
 from ..models.identity import IdentityConfig
-
-PHOTO_CONFIGS = (EncoderConfig, IdentityConfig, FaceParserConfig)  # sizes checked as widths, counts as depths
 
 MAX_WIDTH = 2**14
 MAX_DEPTH = 64
@@ -55,12 +52,16 @@ def check_config(config: GeneratorConfig | MapperConfig | TextConfig | EncoderCo
         _size("mapper", "num_ws", config.num_ws, MAX_DEPTH)
         _size("mapper", "dim", config.dim, MAX_WIDTH)
         _size("mapper", "num_blocks", config.num_blocks, MAX_DEPTH)
-    elif isinstance(config, PHOTO_CONFIGS):
-        for field in dataclasses.fields(config):
-            value = getattr(config, field.name)
-            for i, item in enumerate(value) if isinstance(value, tuple) else [(None, value)]:
-                name = field.name if i is None else f"{field.name}[{i}]"
-                _size(type(config).__name__, name, item, MAX_WIDTH if i is None else MAX_DEPTH)
+    elif isinstance(config, EncoderConfig):
+        _size("encoder", "n_styles", config.n_styles, MAX_DEPTH)  # one style head per generator style input
+        for i, units in enumerate(config.stage_units):
+            _size("encoder", f"stage_units[{i}]", units, MAX_DEPTH)
+    elif isinstance(config, FaceParserConfig):
+        # the levels double the width, so the centre level is width * 2**LEVELS wide
+        _size("face parser", "width", config.width, MAX_WIDTH >> LEVELS)
+        _size("face parser", "n_classes", config.n_classes, MAX_WIDTH)
+    elif isinstance(config, IdentityConfig):
+        _size("identity net", "num_layers", config.num_layers, MAX_WIDTH)
     else:
         _size("text encoder", "embed_dim", config.embed_dim, MAX_WIDTH)
         _clip_dict("text_cfg", config.text_cfg)

@@ -63,12 +63,13 @@ def with_batch_counts(state: Mapping[str, Any]) -> dict[str, Any]:
 
 def uninitialised(module: Callable[[Any], torch.nn.Module]) -> Callable[[Any], torch.nn.Module]:
     """`module` built with its tensors allocated but not initialised (the loaders fill every one of them strictly):
-    random initialisation of the e4e encoder's 270 M parameters would take longer than reading them."""
+    random initialisation of the e4e encoder's 270 M parameters would take longer than reading them. Built where
+    the meta device is the default (as a loader learns the names and shapes it needs), it stays there."""
 
     def make(config: Any) -> torch.nn.Module:
         with torch.device("meta"):
             net = module(config)
-        return net.to_empty(device="cpu")
+        return net if torch.get_default_device().type == "meta" else net.to_empty(device="cpu")
 
     return make
 
