@@ -129,3 +129,16 @@ def test_cpp_runtime_matches_python(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("ffclip_edit: "), (what, result.stderr)
     assert "points outside the artifact folder" in lines[0]
     assert not out.exists()
+
+
+def test_the_readme_recipe_writes_only_under_artifacts():
+    """The recipe's inputs and pictures stay out of the repository root, in the ignored artifacts/ folder."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Embedding from C++"):]
+    recipe = "\n".join(re.findall(r"```\n(.*?)```", section, re.S)[:2])
+    written = re.findall(r"[\w./-]+\.(?:npy|ppm)\b", recipe)
+    assert written and all(path.startswith("artifacts/") for path in written), written
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True)
+    assert set(ignored.stdout.split()) == set(written)
