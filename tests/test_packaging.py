@@ -84,3 +84,14 @@ def test_every_entry_point_and_command_takes_h(args, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert code in (0, None), err
     assert out.startswith("Usage:") and not err
+
+
+def test_an_editable_build_raises_no_setuptools_warning(tmp_path):
+    """The project's own configuration warns about nothing (license, data folders); what `pip install -e .` runs."""
+    code = f"from setuptools import build_meta; build_meta.build_editable({str(tmp_path)!r})"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in (done.stdout + done.stderr).splitlines()
+                if "Warning" in line and "InformationOnly" not in line]
+    assert warnings == []
+    assert list(tmp_path.glob("ffclip-*.whl"))
