@@ -130,16 +130,22 @@ class ExportFailed(FfclipError):
         )
 
 
-def check_replaceable(out: Path, force: bool) -> None:
+def check_replaceable(
+    out: Path,
+    force: bool,
+    ours: Callable[[Path], bool] = lambda folder: (folder / MANIFEST).is_file(),
+    what: str = f"an ffclip artifact folder (no {MANIFEST})",
+) -> None:
     """Refuse, before any work, an `out` that is a file, lies in a folder that cannot be written, or is a folder of
-    other files than an artifact folder's (unless `force`): replacing it would delete them."""
+    other files than one the command wrote (unless `force`): replacing it would delete them. `ours` recognises a
+    folder the command wrote, by default an artifact folder; `what` names one in the message."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: is not a folder; give the artifact folder to write")
+        raise InputError(f"--out {out}: is not a folder; give the folder to write")
     check_output_folder(out.parent, "--out", out)
-    if not force and out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise InputError(f"--out {out}: holds files and is not an ffclip artifact folder (no {MANIFEST}); exporting "
-                         "would replace it: choose another folder, or pass --force to replace it")
+    if not force and out.is_dir() and not ours(out) and any(out.iterdir()):
+        raise InputError(f"--out {out}: holds files and is not {what}; writing there would replace it: choose "
+                         "another folder, or pass --force to replace it")
 
 
 def export_artifacts(
@@ -159,7 +165,7 @@ def export_artifacts(
     with `force` (`check_replaceable`)."""
     out = Path(out)
     check_replaceable(out, force)
-    _check_buildable(options)
+    check_buildable(options)
     specs = stage_specs(*modules, encoder, options.photo_size)
     stage_modules = (*modules, encoder) if encoder is not None else modules
     by_name = dict(zip(specs, (copy.deepcopy(m).cpu().float().eval() for m in stage_modules)))
@@ -231,7 +237,7 @@ def _export_stage(
     return entry
 
 
-def _check_buildable(options: ExportOptions) -> None:
+def check_buildable(options: ExportOptions) -> None:
     """Refuse, before any work, a request of which this machine can build no format."""
     reasons = {f: _machine_reason(f, options) for f in options.formats}
     if all(reasons.values()):

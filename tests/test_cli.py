@@ -169,3 +169,12 @@ def test_edit_names_the_words_the_world_never_saw_once_per_prompt(monkeypatch, c
     assert code == 0, err
     notes = [line for line in err.splitlines() if "never saw" in line]
     assert len(notes) == 1 and "'make it orange'" in notes[0] and "'orange'" in notes[0], err
+
+
+def test_export_refuses_formats_none_of_which_build_here(monkeypatch, capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("TensorRT may build here")
+    code, _, err = run(monkeypatch, capsys, "export", "--formats", "tensorrt", "--device", "cpu",
+                       "--out", tmp_path / "out")
+    assert_user_error(code, err, "--formats tensorrt", "onnx")
+    assert not (tmp_path / "out").exists()

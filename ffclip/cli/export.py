@@ -41,7 +41,7 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
     from ..config import get_preset
     from ..factory import default_source
     from ..devices import resolve_device
-    from ..export.exporter import ExportFailed, ExportOptions, check_replaceable, export_artifacts
+    from ..export.exporter import ExportFailed, ExportOptions, check_buildable, check_replaceable, export_artifacts
     from ..artifacts import check_encoder_fits, sha256
 
     console = Console(stderr=True)
@@ -56,6 +56,7 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
     )
     out = out or Path("artifacts") / "export" / sources.preset
     check_replaceable(out, force)
+    check_buildable(options)
     preset = get_preset(sources.preset)
     files = {"text_encoder": sources.clip, "mapper": sources.mapper, "generator": sources.generator}
     described = {
