@@ -11,10 +11,12 @@ on N processes follows the single-process run of the same global batch.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from .atomic import atomic_file
 from .checkpoints.bundle import save_module
 from .checkpoints.safe_pickle import load_torch_file
 from .config import MapperConfig, from_dict, to_dict
-from .errors import InputError, summarize
+from .errors import FfclipError, InputError, summarize
 from .models import Generator, Mapper, TextEncoder
 from .photo_losses import background_loss, identity_loss
 
@@ -39,6 +41,11 @@ PROMPT_SETS = ("faces", "released")
 EMBEDDING_RESIZES = ("bicubic", "antialiased")
 TRAIN_DTYPES = ("float32", "float64")
 TRAIN_STATE_FORMAT = "ffclip-train-state-2"
+LOCK_FILE = ".train.lock"
+
+
+class Diverged(FfclipError):
+    """The loss or the mapper's weights stopped being finite; nothing of the diverged steps was saved."""
 
 
 def prompt_set(name: str) -> tuple[str, ...]:
@@ -324,15 +331,23 @@ class MapperTrainer:
         if saved != self.mapper.config:
             raise InputError(f"{path}: the saved mapper has config {saved}, this run uses {self.mapper.config}")
         try:
+            step = state["step"]
+            if type(step) is not int or step < 0:
+                raise ValueError(f"its step is {step!r}, not a count of steps")
             self.mapper.load_state_dict(state["mapper"])
             self.optimizer.load_state_dict(state["optimizer"])
+            _check_optimizer_state(self.optimizer)
             self._torch_rng.set_state(state["torch_rng"])
             self._rng.setstate((3, tuple(state["prompt_rng"]), None))
             history = [StepLosses(*h) for h in state["history"]]
             validation = [(int(step), float(loss)) for step, loss in state.get("validation", [])]
         except Exception as exc:  # the same: any part of the state may be damaged
             raise InputError(f"{path}: cannot resume from it ({summarize(exc)}); start again without --resume") from None
-        self.step = int(state["step"])
+        broken = _non_finite_weight(self.mapper)
+        if broken is not None:
+            raise InputError(f"{path}: cannot resume from it: the mapper weight {broken} holds NaN or infinity (a "
+                             "diverged run); start again without --resume, with a lower --lr")
+        self.step = step
         self.history = history
         self.validation = validation
 
@@ -344,6 +359,7 @@ class MapperTrainer:
         saved = False
         while self.step < c.steps:
             losses = self.train_step()
+            self._check_finite(losses, out)
             if on_step is not None:
                 on_step(self.step, losses)
             last = self.step == c.steps
@@ -355,6 +371,55 @@ class MapperTrainer:
         if self.rank == 0 and not saved:
             self.save(out)
         return out / "mapper.safetensors"
+
+
+    def _check_finite(self, losses: StepLosses, out: Path) -> None:
+        """Raise `Diverged` when this step's losses or the mapper's weights are not all finite."""
+        values = asdict(losses)
+        bad_loss = next((name for name, value in values.items() if not math.isfinite(value)), None)
+        bad_weight = _non_finite_weight(self.mapper)
+        if bad_loss is None and bad_weight is None:
+            return
+        what = f"the {bad_loss} loss is {values[bad_loss]}" if bad_loss else f"the weight {bad_weight} is not finite"
+        raise Diverged(f"training diverged at step {self.step} ({what}); nothing of it was saved, the files in {out} "
+                       "are from the last good save: lower --lr and start again, or --resume from them")
+
+
+def _non_finite_weight(module: torch.nn.Module) -> str | None:
+    """The name of the first parameter of `module` that holds NaN or infinity, or None."""
+    return next((name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())), None)
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Raise `ValueError` unless every tensor of the optimiser's state is finite and, unless a scalar, of its
+    parameter's shape (Adam's moments)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if value.dim() and value.shape != p.shape:
+                    raise ValueError(f"the optimiser's {name} has shape {list(value.shape)} for a weight of shape "
+                                     f"{list(p.shape)}")
+                if not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"the optimiser's {name} holds NaN or infinity (a diverged run)")
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock on a training folder (an exclusive `flock` on its `.train.lock`) for the block; a folder another
+    run holds raises `InputError`."""
+    path = Path(folder) / LOCK_FILE
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"--out {folder}: another training run is writing there (it holds {path}); wait for it "
+                             "to end, or choose another folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _mapper_of_an_earlier_save(folder: Path, state: dict) -> dict:

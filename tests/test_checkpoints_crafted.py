@@ -18,7 +18,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ffclip.checkpoints import load_encoder, load_face_parser, load_generator, load_mapper, load_text_encoder, save_module
+from ffclip.checkpoints import (load_encoder, load_face_parser, load_generator, load_mapper, load_text_encoder,
+                                save_module)
 from ffclip.checkpoints.bundle import save_bundle
 from ffclip.checkpoints.safe_pickle import load_torch_file
 from ffclip.config import MapperConfig

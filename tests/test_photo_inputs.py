@@ -90,7 +90,8 @@ def test_invert_lists_any_file_name_in_step_with_the_codes(monkeypatch, capsys, 
     names = [b"a\xe9.png", b"b\nc.png", b"d.png"]
     rng = np.random.default_rng(0)
     for name in names:
-        Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(os.fsdecode(bytes(photos) + b"/" + name))
+        pixels = rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.fsdecode(os.fsencode(photos) + b"/" + name))
     out = tmp_path / "codes.npy"
     listed = tmp_path / "codes_files.txt"
     listed.write_text("stale.png\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,7 @@ _WEIGHT = click.FloatRange(0)
 @click.option("--init-mapper/--fresh-mapper", default=False, show_default=True,
               help="Start from --mapper's weights rather than a fresh initialisation.")
 @click.option("--resume", is_flag=True, help="Continue from the state saved in --out.")
+@click.option("--force", is_flag=True, help="Start over in an --out that holds a run's train_state.pt, replacing it.")
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
 @click.option("--device", default="auto", show_default=True,
               help="cpu, cuda, cuda:N or auto; under torchrun each process takes the GPU its LOCAL_RANK names.")
@@ -99,6 +101,7 @@ def train(
     truncation: float,
     init_mapper: bool,
     resume: bool,
+    force: bool,
     seed: int,
     device: str,
 ) -> None:
@@ -124,9 +127,11 @@ def train(
     from ..factory import build_mapper
     from ..latents import load_latents
     from ..outputs import check_output_folder
-    from ..training import MapperTrainer, plot_losses, start_distributed
+    from ..training import MapperTrainer, plot_losses, run_lock, start_distributed
 
     check_output_folder(out, "--out")
+    if int(os.environ.get("RANK", "0")) == 0:  # only the first process writes, so only it holds the folder
+        click.get_current_context().with_resource(run_lock(out))
     prompts = _prompts(prompts_file, prompt_set_name)
     lambda_identity = _weight("--lambda-identity", lambda_identity, TrainConfig.lambda_identity, id_net,
                               "--id-net (model_ir_se50.pth)")
@@ -134,6 +139,9 @@ def train(
                                 "--face-parser (parsenet.pth)")
     if resume and not (out / "train_state.pt").exists():
         raise InputError(f"--resume: {out} holds no train_state.pt; run once without --resume first")
+    if not resume and not force and (out / "train_state.pt").exists():
+        raise InputError(f"--out {out}: holds a run's train_state.pt, which training again would replace; pass "
+                         "--resume to continue that run, or --force to start over")
     if val_every and val_latents is None and latents is None:
         raise InputError("--val-every needs held-out latents; give --val-latents, or --latents to hold some out")
 
@@ -203,7 +211,12 @@ def _prompts(path: Path | None, name: str | None) -> tuple[str, ...]:
         raise InputError("--prompts and --prompt-set both given; choose one")
     if path is None:
         return prompt_set(name or "faces")
-    prompts = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"--prompts {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                         f"{exc.start}); save the file as UTF-8") from None
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not prompts:
         raise InputError(f"{path}: no prompts in the file; put one prompt per line")
     return prompts
