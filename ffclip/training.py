@@ -372,7 +372,6 @@ class MapperTrainer:
             self.save(out)
         return out / "mapper.safetensors"
 
-
     def _check_finite(self, losses: StepLosses, out: Path) -> None:
         """Raise `Diverged` when this step's losses or the mapper's weights are not all finite."""
         values = asdict(losses)
