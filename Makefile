@@ -36,13 +36,15 @@ world: install
 test: install
 	$(PY) -m pytest -q -n 2 --durations=15
 
-# The prepared GPU check, with the machine's own Python and packages (no install): kernels, mapper and generator
-# forms, the whole edit and TensorRT graph replay, into $(GPU_CHECK_OUT)/gpu_check.{json,md}. DRY_RUN=1: on the CPU.
+# The prepared GPU check, with the machine's own Python and packages (no install; .venv's Python where there is one):
+# kernels, mapper and generator forms, the whole edit and TensorRT graph replay, into
+# $(GPU_CHECK_OUT)/gpu_check.{json,md}. DRY_RUN=1: on the CPU.
 # The Triton kernels ahead of time for both architectures, no GPU needed:
 #   .venv/bin/python -m ffclip.kernels.aot --arch sm_80 --arch sm_90 --dtype fp16 --dtype bf16 --dtype fp32 --out aot.json
 GPU_CHECK_OUT ?= artifacts/gpu-check
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu-check:
-	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(DRY_RUN),--dry-run)
+	$(GPU_CHECK_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(DRY_RUN),--dry-run)
 
 clean:
 	rm -rf artifacts build dist *.egg-info

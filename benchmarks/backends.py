@@ -12,7 +12,7 @@ import importlib.util
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,7 +21,9 @@ from ffclip.artifacts import PRECISIONS as PRECISION_DTYPES
 from ffclip.artifacts import STAGES as EXPORTED_STAGES
 from ffclip.artifacts import StageInfo, read_manifest
 from ffclip.engines import EngineUnavailable, engine_class
-from ffclip.runtime import Runtime
+
+if TYPE_CHECKING:  # the runtime imports torch's compiler, and with it Triton, which `--gpu-check --dry-run` must not
+    from ffclip.runtime import Runtime
 
 STAGES = ("text", "mapper", "generator", "edit")
 # backends served from an artifact folder through `Runtime.load`
@@ -132,12 +134,13 @@ def build_modules(preset: str, device: torch.device, artifacts: Path | None = No
 
 
 def module_stages(modules: tuple[Any, Any, Any], device: torch.device, precision: str, compiled: bool) -> Runtime:
-    """An `EditPipeline` of the modules (with `compiled`, each through torch.compile) at `precision`, its prompt cache
-    off so the text stage is computed on every call."""
+    """An `EditPipeline` of the modules (with `compiled`, each through torch.compile, one static graph per input
+    shape, so a new batch size compiles once and never turns an earlier graph into a dynamic one) at `precision`, its
+    prompt cache off so the text stage is computed on every call."""
     from ffclip.pipeline import EditPipeline
 
     if compiled:
-        modules = tuple(torch.compile(m) for m in modules)
+        modules = tuple(torch.compile(m, dynamic=False) for m in modules)
     return EditPipeline(*modules, device=device, precision=precision, cache_size=0)
 
 
@@ -148,6 +151,8 @@ def open_stages(
 ) -> Iterator[Runtime]:
     """The `Runtime` of `backend`, closed on exit, on `artifacts` pinned by `expected_sha256` when given. eager and
     compile use the folder's weights when one is given."""
+    from ffclip.runtime import Runtime
+
     if backend in RUNTIME_BACKENDS:
         if artifacts is None:
             raise RuntimeError(f"the {backend} backend needs an artifact folder")

@@ -19,10 +19,12 @@ from ffclip.config import DEFAULT_PRESET, PRESETS
 from ffclip.devices import resolve_device
 from ffclip.cli.options import expect_sha256_option, folder_preset, preset_given
 from ffclip.errors import FfclipError, InputError
-from ffclip.outputs import check_output_folder
 
 from ffclip.benchmarks.backends import BACKENDS, PRECISIONS, STAGES
-from ffclip.benchmarks.report import FORMAT, FORMAT_VERSION, compare, compare_table, load_results, markdown, rich_tables, write_results
+from ffclip.benchmarks.report import (
+    FORMAT, FORMAT_VERSION, compare, compare_table, is_results_folder, load_results, markdown, rich_tables,
+    write_results,
+)
 from ffclip.benchmarks.runner import DEFAULT_ACCURACY_NUM, Benchmark, Settings
 
 
@@ -84,7 +86,9 @@ def _compare(paths: tuple[Path, Path]) -> None:
                    "each backend and precision (world preset, with the edit stage); 0 turns it off.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder [default: artifacts/bench/<preset>-<device>-<time>].")
+              help="Output folder [default: artifacts/bench/<preset>-<device>-<time>]; an existing one is replaced "
+                   "only when it is empty or an earlier run's (see --force).")
+@click.option("--force", is_flag=True, help="Replace --out even when it holds other files than an earlier run's.")
 @click.option("--compare", "compare_paths", nargs=2, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, metavar="A.json B.json", help="Print B/A median-latency ratios of two runs and exit.")
 @click.option("--serve", "serve_load", is_flag=True,
@@ -95,10 +99,9 @@ def _compare(paths: tuple[Path, Path]) -> None:
                    "1/8/32, the whole edit, TensorRT graph replay) into --out: gpu_check.json and gpu_check.md.")
 @click.option("--dry-run", "dry_run", is_flag=True, help="With --gpu-check: the same checks on the CPU at tiny shapes.")
 def bench(preset: str, artifacts: Path | None, expect_sha256: str | None, backends: str, stages: str,
-          batch: str | None, precision: str,
-          warmup: int | None, iters: int | None, budget: float, threads: int | None, accuracy_num: int, device: str,
-          out: Path | None, compare_paths: tuple[Path, Path] | None, serve_load: bool, gpu_check: bool,
-          dry_run: bool) -> None:
+          batch: str | None, precision: str, warmup: int | None, iters: int | None, budget: float,
+          threads: int | None, accuracy_num: int, device: str, out: Path | None, force: bool,
+          compare_paths: tuple[Path, Path] | None, serve_load: bool, gpu_check: bool, dry_run: bool) -> None:
     """Compare backends on every stage: median/p90/p99 latency, throughput, peak memory, the error against
     eager fp32 on the same inputs and, on the world preset, the judged edit accuracy. Each backend runs in its own
     process. Writes results.json, results.md and latency.png."""
@@ -134,7 +137,9 @@ def bench(preset: str, artifacts: Path | None, expect_sha256: str | None, backen
     )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = out or Path("artifacts") / "bench" / f"{preset}-{resolved.type}-{stamp}"
-    check_output_folder(out, "--out")
+    from ffclip.export.exporter import check_replaceable
+
+    check_replaceable(out, force, is_results_folder, "an ffclip-bench output folder (no results.json it wrote)")
     run(settings, out)
 
 
@@ -167,7 +172,8 @@ Advance = Callable[[str, int], None]
 @contextlib.contextmanager
 def progress_reporter(tty: bool | None = None) -> Iterator[tuple[Start, Advance]]:
     """(start(total steps), advance(text, steps done)): a progress bar on a terminal (`tty`, default: whether stderr
-    is one), else one plain `[done/total] text` line on stderr per event."""
+    is one), else plain lines on stderr: `[done/total] text` when steps are done, `text ...` when one starts (it
+    advances by 0), so each count is shown once."""
     if tty is None:
         tty = Console(stderr=True).is_terminal
     if tty:
@@ -180,6 +186,9 @@ def progress_reporter(tty: bool | None = None) -> Iterator[tuple[Start, Advance]
     state = {"done": 0, "total": 0}
 
     def advance(text: str, step: int) -> None:
+        if step == 0:
+            click.echo(f"{text} ...", err=True)
+            return
         state["done"] += step
         click.echo(f"[{state['done']}/{state['total']}] {text}", err=True)
 

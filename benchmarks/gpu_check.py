@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -76,7 +77,8 @@ class Check:
 def _median_ms(fn: Callable[[], Any], plan: Plan) -> float:
     from ffclip.benchmarks.timing import summarize, time_calls
 
-    return summarize(time_calls(fn, plan.device, warmup=plan.warmup, iters=plan.iters, budget_s=0.0)).median_ms
+    timing = time_calls(fn, plan.device, warmup=plan.warmup, iters=plan.iters, budget_s=0.0)
+    return summarize(timing.samples).median_ms
 
 
 def kernel_checks(plan: Plan) -> list[Check]:
@@ -323,8 +325,6 @@ def environment(plan: Plan) -> dict[str, Any]:
 
 
 def _driver() -> str | None:
-    import subprocess
-
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20)
@@ -405,17 +405,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_command(out: Path, dry_run: bool, budget_s: float = 200.0) -> int:
-    """Exit status of one check run: 0 when every check that ran passed, 1 when one failed, 2 on a usage error."""
-    if dry_run:
-        # before the kernels are first imported: the interpreter is chosen when they are defined
+    """Exit status of one check run: 0 when every check that ran passed, 1 when one failed, 2 on a usage error.
+    A dry run switches Triton's interpreter on, which Triton reads when it is first imported: in this process when
+    nothing has imported triton yet, else in a fresh Python."""
+    from ffclip.kernels._config import interpreting
+
+    if dry_run and not interpreting():
+        if "triton" in sys.modules:
+            return _interpreted_dry_run(out, budget_s)
         os.environ["TRITON_INTERPRET"] = "1"
-    elif not torch.cuda.is_available():
+    if not dry_run and not torch.cuda.is_available():
         print("error: the GPU check needs a CUDA device; --dry-run runs it on the CPU", file=sys.stderr)
         return 2
     report = run_checks(out, dry_run, budget_s, lambda line: print(line, file=sys.stderr, flush=True))
     print(markdown(report))
     print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}", file=sys.stderr)
     return 0 if report["passed"] else 1
+
+
+def _interpreted_dry_run(out: Path, budget_s: float) -> int:
+    """The dry run in a new process with `TRITON_INTERPRET=1` from its start."""
+    script = str(Path(__file__).resolve())
+    command = [sys.executable, script, "--out", str(out), "--dry-run", "--budget-s", str(budget_s)]
+    return subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}).returncode
 
 
 def _import_from_source(root: Path) -> None:

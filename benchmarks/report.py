@@ -11,10 +11,11 @@ from typing import Any
 
 from rich.table import Table
 
-from ffclip.atomic import atomic_file
+from ffclip.atomic import atomic_dir, atomic_file
 from ffclip.errors import InputError
 
 from ffclip.benchmarks.backends import BACKENDS, STAGES
+from ffclip.benchmarks.timing import SETTLE_RATIO, UNSTABLE_SPREAD
 
 FORMAT = "ffclip-bench"
 FORMAT_VERSION = 1
@@ -25,7 +26,9 @@ LEGEND = (
     "image error against float32, images in [-1, 1]: one uint8 level is 7.8e-3); floor: max |eager fp32 - eager fp64| "
     "on the same inputs (the edit's float64 runs the whole chain from the prompts), the rounding noise a correct fp32 "
     "path shows; % peak: GFLOP/s (convolutions and matrix products of the eager stage, per item, times items/s) over "
-    "the CPU's estimated fp32 peak; mem: {memory}."
+    "the CPU's estimated fp32 peak; p90/med: p90 over median latency, marked ! above {unstable:g}: the calls did not "
+    "settle (a recompilation or a busy machine), so the median of that cell is not to be trusted; each cell's timed "
+    "calls follow a warm-up that lasts until two consecutive calls agree within {settle:g}x; mem: {memory}."
 )
 
 
@@ -50,6 +53,13 @@ def fmt_rate(value: float | None) -> str:
 def fmt_error(value: float | None) -> str:
     """An error figure in scientific notation."""
     return "-" if value is None else f"{value:.1e}"
+
+
+def fmt_spread(row: dict[str, Any]) -> str:
+    """A row's p90 over its median, marked "!" when the row is flagged unstable."""
+    if row.get("spread") is None:  # a file written before the column existed
+        return "-"
+    return f"{row['spread']:.2f}" + (" !" if row.get("unstable") else "")
 
 
 def _order(value: str, known: tuple[str, ...]) -> int:
@@ -81,8 +91,8 @@ def unmeasured(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(groups.values())
 
 
-MEASURED_HEADER = ("stage", "backend", "prec", "batch", "median ms", "p90 ms", "p99 ms", "n", "items/s", "% peak",
-                   "mem MiB", "max err", "floor", "edit acc %")
+MEASURED_HEADER = ("stage", "backend", "prec", "batch", "median ms", "p90 ms", "p99 ms", "p90/med", "n", "items/s",
+                   "% peak", "mem MiB", "max err", "floor", "edit acc %")
 
 
 def measured_cells(row: dict[str, Any]) -> tuple[str, ...]:
@@ -90,7 +100,7 @@ def measured_cells(row: dict[str, Any]) -> tuple[str, ...]:
     error = fmt_error(row["max_abs_err"]) if row["reason"] is None else row["reason"]
     return (
         row["stage"], row["backend"], row["precision"], str(row["batch"]), fmt_ms(row["median_ms"]),
-        fmt_ms(row["p90_ms"]), fmt_ms(row["p99_ms"]), str(row["n"]), fmt_rate(row["throughput"]),
+        fmt_ms(row["p90_ms"]), fmt_ms(row["p99_ms"]), fmt_spread(row), str(row["n"]), fmt_rate(row["throughput"]),
         "-" if row.get("peak_frac") is None else f"{100 * row['peak_frac']:.1f}",
         "-" if row["memory_mib"] is None else f"{row['memory_mib']:.1f}", error, fmt_error(row.get("floor")),
         "-" if row.get("edit_accuracy") is None else f"{row['edit_accuracy']:.1f}",
@@ -139,7 +149,17 @@ def legend(results: dict[str, Any]) -> str:
     memory = " / ".join(kinds) or "n/a"
     if "rss growth" in kinds:
         memory += " (resident-set growth of the worker process over its size before the cell)"
-    return " ".join([LEGEND.format(memory=memory), *accuracy_notes(results)])
+    legend = LEGEND.format(memory=memory, unstable=UNSTABLE_SPREAD, settle=SETTLE_RATIO)
+    return " ".join([legend, *unstable_notes(results), *accuracy_notes(results)])
+
+
+def unstable_notes(results: dict[str, Any]) -> list[str]:
+    """One sentence naming the measured cells flagged unstable, when any."""
+    flagged = [r for r in measured(results["rows"]) if r.get("unstable")]
+    if not flagged:
+        return []
+    names = ", ".join(f"{r['stage']} {r['backend']} {r['precision']} batch {r['batch']}" for r in flagged)
+    return [f"Unstable (p90 above {UNSTABLE_SPREAD:g}x the median): {names}."]
 
 
 def accuracy_notes(results: dict[str, Any]) -> list[str]:
@@ -238,15 +258,26 @@ def plot_latency(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+RESULT_FILES = {"json": "results.json", "md": "results.md", "png": "latency.png"}
+
+
 def write_results(results: dict[str, Any], out: Path) -> dict[str, Path]:
-    """Write results.json, results.md and latency.png into `out`, each atomically; return their paths."""
-    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "latency.png"}
-    with atomic_file(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-    with atomic_file(paths["md"]) as tmp:
-        tmp.write_text(markdown(results))
-    plot_latency(results, paths["png"])
-    return paths
+    """Write results.json, results.md and latency.png as the folder `out`, which appears whole, replacing an older
+    one, or not at all; return their paths."""
+    with atomic_dir(out) as tmp:
+        (tmp / RESULT_FILES["json"]).write_text(json.dumps(results, indent=2) + "\n")
+        (tmp / RESULT_FILES["md"]).write_text(markdown(results))
+        plot_latency(results, tmp / RESULT_FILES["png"])
+    return {kind: out / name for kind, name in RESULT_FILES.items()}
+
+
+def is_results_folder(folder: Path) -> bool:
+    """Whether `folder` holds a results.json that ffclip-bench wrote."""
+    try:
+        load_results(folder / RESULT_FILES["json"])
+    except InputError:
+        return False
+    return True
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:

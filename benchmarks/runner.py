@@ -21,13 +21,16 @@ from typing import Any
 
 import torch
 
+from ffclip.artifacts import STAGES as EXPORTED_STAGES
+from ffclip.engines import engine_class
+
 from ffclip.benchmarks.backends import RUNTIME_BACKENDS, export_group, skip_reason
 from ffclip.benchmarks.machine import machine_info
 
 ROW_FIELDS = (
     "stage", "backend", "precision", "batch", "status", "reason", "n",
-    "median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput", "gflops", "peak_frac", "memory_mib",
-    "memory_kind",
+    "median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "spread", "unstable", "warmup_calls", "settled",
+    "throughput", "gflops", "peak_frac", "memory_mib", "memory_kind",
     "max_abs_err", "floor", "edit_accuracy",
 )
 # the edit accuracy column: the shapes world's judge (`ffclip.world.evaluate.edit_accuracy`) on phrasings no stage
@@ -125,6 +128,17 @@ def held_precision(manifest: dict[str, Any], backend: str, device: torch.device)
     return manifest["precision"]
 
 
+def missing_artifacts(manifest: dict[str, Any], backend: str) -> str | None:
+    """What the export recorded for the format a runtime backend serves, when a stage of the edit lacks its file
+    (such as `skipped: <reason>`), or None when every stage holds it."""
+    artifact = engine_class(backend).artifact
+    for stage in EXPORTED_STAGES:
+        entry = manifest["stages"][stage]
+        if artifact not in entry["files"]:
+            return f"{stage} {artifact}: " + entry.get("status", {}).get(artifact, "not built")
+    return None
+
+
 class WorkerFailed(RuntimeError):
     """A worker process that exited with an error before finishing its job."""
 
@@ -196,13 +210,21 @@ class Benchmark:
         needed = {(c.precision, export_group(backends, b)) for b in backends for c in self.runnable[b]}
         return sorted(needed)
 
+    def _groups(self) -> Iterator[tuple[str, str, list[Cell]]]:
+        """(backend, precision, cells) of every runnable backend and precision, in the order they run."""
+        for backend, cells in self.runnable.items():
+            for precision in sorted({c.precision for c in cells}):
+                yield backend, precision, [c for c in cells if c.precision == precision]
+
+    def _group_steps(self, cells: list[Cell]) -> int:
+        """Progress steps of one backend at one precision: one per cell, and one for judging its edits."""
+        return len(cells) + (1 if self.judged else 0)
+
     @property
     def total_steps(self) -> int:
-        """Progress steps: the reference job, every export, every runnable cell and every judged backend and
-        precision."""
-        cells = sum(len(cells) for cells in self.runnable.values())
-        judged = sum(len({c.precision for c in cells}) for cells in self.runnable.values()) if self.judged else 0
-        return 1 + len(self._exports_needed()) + cells + judged if cells else 0
+        """Progress steps: the reference job, every export and every group's steps (`_group_steps`)."""
+        groups = sum(self._group_steps(cells) for _, _, cells in self._groups())
+        return 1 + len(self._exports_needed()) + groups if groups else 0
 
     def accuracy(self) -> dict[str, Any]:
         """How the edit accuracy column was judged: originals, seed, phrasings, why it was not (`skipped`), the
@@ -248,15 +270,13 @@ class Benchmark:
         self.progress("eager fp32 reference", 1)
         exports = self._export(folder)
         rows: list[dict[str, Any]] = []
-        for backend, cells in self.runnable.items():
-            for precision in sorted({c.precision for c in cells}):
-                group = [c for c in cells if c.precision == precision]
-                source = self._source(backend, precision, exports)
-                if isinstance(source, tuple):
-                    rows.extend(c.row(*source) for c in group)
-                    self.progress(f"{backend} {precision}", len(group))
-                else:
-                    rows.extend(self._time(backend, precision, group, reference, source, folder))
+        for backend, precision, group in self._groups():
+            source = self._source(backend, precision, exports)
+            if isinstance(source, tuple):
+                rows.extend(c.row(*source) for c in group)
+                self.progress(f"{backend} {precision}", self._group_steps(group))
+            else:
+                rows.extend(self._time(backend, precision, group, reference, source, folder))
         return rows + self.skipped
 
     def _export(self, folder: Path) -> dict[tuple[str, tuple[str, ...]], Path | str]:
@@ -282,8 +302,14 @@ class Benchmark:
         they cannot run."""
         given = self.settings.artifacts
         if given is not None:
+            if backend not in RUNTIME_BACKENDS:
+                return given
+            missing = missing_artifacts(self.given, backend)
+            if missing is not None:
+                return "skipped", (f"{given} holds no {backend} artifacts ({missing}); export {precision} ones for "
+                                   "this row")
             held = held_precision(self.given, backend, torch.device(self.settings.device))
-            if backend in RUNTIME_BACKENDS and precision != held:
+            if precision != held:
                 return "skipped", f"{given} holds {held} {backend} artifacts; export {precision} ones for this row"
             return given
         if backend not in RUNTIME_BACKENDS:
@@ -309,15 +335,19 @@ class Benchmark:
         rows: list[dict[str, Any]] = []
         name = f"{backend} {precision}"
         self.progress(f"{name}: starting", 0)
+        steps = 0  # advanced so far, of `_group_steps(cells)`
         accuracy_seen = False
         try:
             for event in run_worker(job, folder, f"{backend}-{precision}"):
                 if event["type"] == "accuracy":
                     accuracy_seen = True
                     self._judged(name, event, rows)
+                    self.progress(f"{name}: judged", 1)
+                    steps += 1
                     continue
                 rows.append(event["row"])
                 self.progress(f"{name} {event['row']['stage']} b{event['row']['batch']}", 1)
+                steps += 1
                 if self.judged and len(rows) == len(cells):
                     self.progress(f"{name}: judging the edits of {self.settings.accuracy_num} originals", 0)
         except WorkerFailed as exc:
@@ -326,9 +356,9 @@ class Benchmark:
             rows.extend(c.row("error", f"worker failed: {exc}") for c in missing)
             if self.judged and not accuracy_seen and not missing:
                 self.judge_failures[name] = f"worker failed: {exc}"
-            self.progress(name, len(missing))
-        if self.judged and not accuracy_seen:  # a backend that did not start or a worker that died is not judged
-            self.progress(name, 1)
+        left = self._group_steps(cells) - steps  # cells a dead worker never reported, and a judging that never came
+        if left:
+            self.progress(name, left)
         return rows
 
     def _judged(self, name: str, event: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -339,4 +369,3 @@ class Benchmark:
         for row in rows:
             if row["stage"] == "edit" and row["status"] == "ok":
                 row["edit_accuracy"] = event["percent"]
-        self.progress(f"{name}: judged", 1)

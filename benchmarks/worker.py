@@ -159,21 +159,22 @@ def _failure(exc: BaseException) -> str:
 def measure(
     stages: Runtime, cell: Cell, reference: dict[str, Any], device: torch.device, job: dict[str, Any]
 ) -> dict[str, Any]:
-    """Time one cell; its first (untimed) call gives the output compared with eager fp32."""
+    """Time one cell; its first (untimed) call gives the output compared with eager fp32, and the warm-up
+    (`time_calls`) follows it."""
     inputs = batch_inputs(reference, cell.batch, device)
     output = call(stages, cell.stage, inputs)
     error = max_abs_error(output, reference["outputs"][f"{cell.stage}/{cell.batch}"])
     del output
     release_freed_memory()
     with PeakMemory(device) as memory:
-        samples = time_calls(
+        timing = time_calls(
             lambda: call(stages, cell.stage, inputs),
             device,
-            warmup=max(0, job["warmup"] - 1),
+            warmup=job["warmup"],
             iters=job["iters"],
             budget_s=job["budget_s"],
         )
-    stats = summarize(samples)
+    stats = summarize(timing.samples)
     throughput = cell.batch / (stats.median_ms / 1e3)
     flops = reference.get("flops", {}).get(cell.stage)
     gflops = throughput * flops / 1e9 if flops else None
@@ -182,6 +183,8 @@ def measure(
         "ok",
         None if error is not None else "non-finite values in the output",
         **stats.to_dict(),
+        warmup_calls=timing.warmup_calls,
+        settled=timing.settled,
         throughput=throughput,
         gflops=gflops,
         peak_frac=gflops / peak["gflops"] if gflops and peak else None,

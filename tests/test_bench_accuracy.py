@@ -68,8 +68,9 @@ def test_only_the_world_preset_with_the_edit_stage_is_judged():
 
 
 def test_other_presets_show_a_dash_and_the_reason():
-    row = Cell("edit", "eager", "fp32", 1).row("ok", median_ms=10.0, p90_ms=11.0, p99_ms=12.0, n=3, throughput=100.0,
-                                               memory_mib=1.0, memory_kind="rss growth", max_abs_err=0.0)
+    row = Cell("edit", "eager", "fp32", 1).row("ok", median_ms=10.0, p90_ms=11.0, p99_ms=12.0, spread=1.1,
+                                               unstable=False, n=3, throughput=100.0, memory_mib=1.0,
+                                               memory_kind="rss growth", max_abs_err=0.0)
     results = {"format": report.FORMAT, "format_version": report.FORMAT_VERSION, "created": "2026-01-01T00:00:00",
                "settings": {"preset": "random", "device": "cpu", "stages": ["edit"], "warmup": 1, "iters": 3,
                             "budget_s": 1.0},

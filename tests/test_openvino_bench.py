@@ -7,8 +7,8 @@ import torch
 from export_fixtures import TINY
 
 from ffclip.benchmarks import machine, report
-from ffclip.benchmarks.backends import BACKENDS, EXPORT_GROUPS, module_stages, stage_flops
-from ffclip.benchmarks.runner import Cell
+from ffclip.benchmarks.backends import BACKENDS, EXPORT_GROUPS, module_stages, skip_reason, stage_flops
+from ffclip.benchmarks.runner import Benchmark, Cell, Settings
 from ffclip.factory import build_preset
 
 
@@ -63,3 +63,49 @@ def test_peak_column_is_printed_for_cpu_rows():
 
 def test_openvino_is_benchmarked_from_its_own_export():
     assert "openvino" in BACKENDS and EXPORT_GROUPS["openvino"] == ("onnx", "openvino")
+
+
+@pytest.fixture
+def openvino_here(monkeypatch):
+    """OpenVINO installed and able to run on this CPU, whatever this machine has; bf16 refused by its CPU."""
+    from ffclip.engines import openvino
+    from ffclip.export import openvino_export
+
+    for module in (openvino, openvino_export):
+        monkeypatch.setattr(module, "openvino_reason", lambda: None)
+    monkeypatch.setattr(openvino_export, "bf16_reason", lambda: "this CPU (test CPU) has neither AVX-512 BF16 nor AMX")
+
+
+def test_openvino_is_skipped_where_the_exporter_builds_no_openvino_files(openvino_here, monkeypatch):
+    from ffclip.engines import openvino
+
+    cpu = torch.device("cpu")
+    assert skip_reason("openvino", "fp32", cpu) is None
+    assert skip_reason("openvino", "bf16", cpu) == ("bf16 refused: this CPU (test CPU) has neither AVX-512 BF16 nor "
+                                                    "AMX; export the openvino format with --precision fp32")
+    assert skip_reason("openvino", "fp16", cpu) == ("fp16 on the CPU is not meaningful: no fast half-precision kernels "
+                                                    "there")
+    assert skip_reason("openvino", "fp32", torch.device("cuda")) == ("ffclip runs OpenVINO on the CPU only; use the "
+                                                                     "device cpu")
+    monkeypatch.setattr(openvino, "openvino_reason", lambda: "OpenVINO is not installed")
+    assert skip_reason("openvino", "fp32", cpu) == "OpenVINO is not installed"
+
+
+def test_a_folder_exported_in_fp16_is_said_to_hold_no_openvino_files(openvino_here, monkeypatch, tmp_path):
+    from ffclip import artifacts
+    from ffclip.export.openvino_export import openvino_skip_reason
+
+    # what `ffclip-export --precision fp16` records: ONNX files, and OpenVINO skipped with the exporter's reason
+    skipped = openvino_skip_reason("fp16")
+    assert skipped.startswith("OpenVINO on the CPU computes in fp32 or bf16, not fp16")
+    entry = {"files": {"eager": "stage.safetensors", "onnx": "onnx/stage.onnx"},
+             "status": {"onnx": "built", "openvino": f"skipped: {skipped}"}}
+    manifest = {"precision": "fp16", "stages": {stage: entry for stage in artifacts.STAGES}}
+    monkeypatch.setattr(artifacts, "read_manifest", lambda folder, verify=True: manifest)
+    settings = Settings(preset="tiny", device="cpu", stages=("mapper",), backends=("openvino",), batches=(1,),
+                        precisions=("fp32", "fp16"), warmup=0, iters=1, budget_s=0.0, artifacts=tmp_path)
+    bench = Benchmark(settings)
+    assert [c.precision for c in bench.runnable["openvino"]] == ["fp32"]  # fp16 on the CPU is refused before
+    assert bench._source("openvino", "fp32", {}) == (
+        "skipped", f"{tmp_path} holds no openvino artifacts (text_encoder openvino: skipped: {skipped}); export fp32 "
+                   "ones for this row")
