@@ -152,18 +152,6 @@ def test_edit_command_serves_from_artifacts(folder, tmp_path, monkeypatch, capsy
     assert served.shape == (1, *expected.shape) and torch.equal(served[0], expected)
 
 
-def test_triton_backend_serves_the_kernel_forms(folder, runtimes):
-    # The numbers of the triton forms are held against the default forms at small widths in tests/test_kernels_*.py;
-    # at this folder's real mapper width (512) Triton's CPU interpreter needs minutes, so here the backend's wiring is
-    # checked and the stage without kernels is run.
-    with Runtime.load(folder, "triton", "cpu") as rt:
-        assert rt.backend == "triton"
-        assert rt._engines["mapper"]._module.impl == "triton"
-        assert rt._engines["generator"]._module.impl == "triton"
-        prompts = ["freckles", "a hat"]
-        torch.testing.assert_close(rt.encode_text(prompts), runtimes["eager"].encode_text(prompts), rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
 def test_close_waits_for_calls_in_progress(folder, backend):
     import threading
