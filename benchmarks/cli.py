@@ -26,6 +26,7 @@ from ffclip.benchmarks.report import (
     write_results,
 )
 from ffclip.benchmarks.runner import DEFAULT_ACCURACY_NUM, Benchmark, Settings
+from ffclip.benchmarks.timing import MAX_WARMUP_CALLS, SETTLE_RATIO
 
 
 def parse_names(value: str, known: tuple[str, ...], option: str) -> tuple[str, ...]:
@@ -72,7 +73,9 @@ def _compare(paths: tuple[Path, Path]) -> None:
 @click.option("--precision", default=",".join(PRECISIONS), show_default=True,
               help="Comma-separated precisions; fp16 on the CPU is listed as skipped.")
 @click.option("--warmup", type=click.IntRange(min=0), default=None,
-              help="Untimed calls per cell before timing [default: 1 on the CPU, 5 on CUDA].")
+              help="Untimed calls per cell before timing, besides the first (whose output is compared with eager "
+                   f"fp32); then more until two consecutive calls that compiled nothing agree within {SETTLE_RATIO:g}x "
+                   f"({MAX_WARMUP_CALLS} calls at most); 0: none [default: 1 on the CPU, 5 on CUDA].")
 @click.option("--iters", type=click.IntRange(min=1), default=None,
               help="Timed calls per cell [default: as many as --budget allows, at least 3].")
 @click.option("--budget", type=click.FloatRange(min=0.0), default=1.0, show_default=True,

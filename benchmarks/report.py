@@ -28,7 +28,8 @@ LEGEND = (
     "path shows; % peak: GFLOP/s (convolutions and matrix products of the eager stage, per item, times items/s) over "
     "the CPU's estimated fp32 peak; p90/med: p90 over median latency, marked ! above {unstable:g}: the calls did not "
     "settle (a recompilation or a busy machine), so the median of that cell is not to be trusted; each cell's timed "
-    "calls follow a warm-up that lasts until two consecutive calls agree within {settle:g}x; mem: {memory}."
+    "calls follow a warm-up that lasts until two consecutive calls that compiled nothing agree within {settle:g}x; "
+    "mem: {memory}."
 )
 
 
