@@ -17,7 +17,8 @@ from ..factory import build_generator, build_mapper, build_text_encoder, stage_s
 from ..errors import CheckpointError, summarize
 from ..models import Encoder4Editing, FaceParser, Generator, IdentityNet, Mapper, TextEncoder
 from . import clip, nvidia, photo, release, rosinality
-from .bundle import load_bundle, load_module, module_from_bundle, save_module
+from .bundle import load_module, module_from_bundle, save_module
+from .bundle_format import load_bundle
 from .detect import FileKind, checkpoint_error, describe, read_torch_file, sniff
 
 __all__ = [

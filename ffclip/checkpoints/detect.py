@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, FfclipError, summarize
-from . import bundle
+from .bundle_format import is_bundle
 from .limits import check_config
 from .safe_pickle import load_torch_file
 
@@ -47,7 +47,7 @@ def sniff(path: str | os.PathLike, accepted: str) -> FileKind:
     if _is_safetensors_header(head):
         if 8 + struct.unpack("<Q", head[:8])[0] > p.stat().st_size:
             raise checkpoint_error(path, "a truncated safetensors file", accepted)
-        if bundle.is_bundle(p):
+        if is_bundle(p):
             return FileKind("bundle", "an ffclip bundle")
         return FileKind("safetensors", "a safetensors file without ffclip bundle metadata")
     if head[:1] == b"\x80":
