@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 
 import pytest
 import torch
 
 from ffclip.checkpoints import extract_generator, load_generator, load_mapper, save_module
+from ffclip.models import Generator
 from reference_models import make_reference_generator, mapper_blocks, ref_mapper, release_mapper_weights
 
 NUM_WS, DIM = 8, 32  # the reference generator: 32 px, style size 32
@@ -54,8 +56,12 @@ def test_release_generator_is_extracted(release_file):
     ws = torch.randn(2, NUM_WS, DIM, generator=torch.Generator().manual_seed(1))
     assert (generator.synthesis(ws) - ref.synthesis(ws)).abs().max() <= 1e-5
     assert torch.equal(generator.synthesis(ws), generator_again.synthesis(ws))
-    assert torch.equal(generator.w_avg, copy.deepcopy(generator).estimate_w_avg())
-    assert generator.w_avg.abs().sum() > 0
+    # the estimate is a sample mean of the mapping network's output: it must lie within 6 standard errors (of both
+    # samples together) of the reference mapping network's mean over another 16384 seeded z, in every channel
+    samples = inspect.signature(Generator.estimate_w_avg).parameters["num_samples"].default
+    w = ref.style(torch.randn(16384, DIM, generator=torch.Generator().manual_seed(7)))
+    bound = 6 * w.std(dim=0) * (1 / samples + 1 / len(w)) ** 0.5
+    assert ((generator.w_avg - w.mean(dim=0)).abs() <= bound).all()
 
 
 def test_mapper_bundle_round_trip_and_preset_default(tmp_path, release_file):

@@ -202,25 +202,46 @@ def test_tied_affines_see_block_means_only():
         torch.testing.assert_close(generator.synthesis(w + deviation), generator.synthesis(w), atol=1e-5, rtol=0)
 
 
-def test_tiny_generator_training_runs_every_phase_and_resumes(tmp_path):
-    from ffclip.world.generator_training import GeneratorTraining, train_generator
+class _Stop(Exception):
+    pass
+
+
+def test_tiny_generator_training_resumes_where_it_stopped(tmp_path, monkeypatch):
+    from ffclip.world import generator_training
 
     config, _ = _tiny_configs()
-    short = GeneratorTraining(synthesis_steps=2, tied_steps=2, mapping_steps=2, batch_size=2, mapping_batch_size=8,
-                              save_every=1)
-    first = train_generator(config, short, tmp_path)
-    for phase in ("synthesis", "tied", "mapping"):
-        assert torch.load(tmp_path / phase / "state.pt", weights_only=False)["step"] == 2
-    # a longer run continues each phase from its saved step, and keeps what every phase learned since
-    longer = GeneratorTraining(synthesis_steps=3, tied_steps=3, mapping_steps=3, batch_size=2, mapping_batch_size=8,
-                               save_every=1)
-    second = train_generator(config, longer, tmp_path)
-    for phase in ("synthesis", "tied", "mapping"):
-        assert torch.load(tmp_path / phase / "state.pt", weights_only=False)["step"] == 3
-    assert not torch.equal(first.synthesis_network.const, second.synthesis_network.const)
-    assert not torch.equal(first.mapping_network.layers[0].weight, second.mapping_network.layers[0].weight)
-    assert torch.isfinite(second.w_avg).all()
-    assert second.synthesis(second.mapping(torch.randn(2, 16))).shape == (2, 3, 64, 64)
+    t = generator_training.GeneratorTraining(synthesis_steps=2, tied_steps=2, mapping_steps=3, batch_size=2,
+                                             mapping_batch_size=8, save_every=1)
+    straight = generator_training.train_generator(config, t, tmp_path / "straight")
+    # count the steps each run trains (synthesis and tied draw codes, mapping reads z); stop one in the mapping phase
+    calls = {"codes": 0, "mapping": 0}
+    stop_at = [2]
+    draw_codes, read_z = generator_training.training_codes, generator_training.code_from_z
+
+    def codes(*args):
+        calls["codes"] += 1
+        return draw_codes(*args)
+
+    def mapping_targets(*args):
+        calls["mapping"] += 1
+        if calls["mapping"] in stop_at:
+            raise _Stop
+        return read_z(*args)
+
+    monkeypatch.setattr(generator_training, "training_codes", codes)
+    monkeypatch.setattr(generator_training, "code_from_z", mapping_targets)
+    with pytest.raises(_Stop):
+        generator_training.train_generator(config, t, tmp_path / "resumed")
+    assert torch.load(tmp_path / "resumed" / "mapping" / "state.pt", weights_only=False)["step"] == 1
+    calls.update(codes=0, mapping=0)
+    stop_at.clear()
+    resumed = generator_training.train_generator(config, t, tmp_path / "resumed")
+    # the finished phases are not trained again and the mapping phase trains only its last two steps
+    assert calls == {"codes": 0, "mapping": 2}
+    # and the result is the straight run's, bit for bit: models, optimisers and random streams all came back
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    assert resumed.synthesis(resumed.mapping(torch.randn(2, 16))).shape == (2, 3, 64, 64)
 
 
 def test_tiny_clip_and_mapper_training(tmp_path):
