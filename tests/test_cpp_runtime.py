@@ -131,12 +131,12 @@ def test_cpp_runtime_matches_python(tmp_path: Path) -> None:
     assert not out.exists()
 
 
-def test_the_readme_recipe_writes_only_under_artifacts():
+def test_the_documented_recipe_writes_only_under_artifacts():
     """The recipe's inputs and pictures stay out of the repository root, in the ignored artifacts/ folder."""
     import re
 
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Embedding from C++"):]
+    guide = (ROOT / "docs" / "cpp.md").read_text()
+    section = guide[guide.index("# Embedding from C++"):]
     recipe = "\n".join(re.findall(r"```\n(.*?)```", section, re.S)[:2])
     written = re.findall(r"[\w./-]+\.(?:npy|ppm)\b", recipe)
     assert written and all(path.startswith("artifacts/") for path in written), written
