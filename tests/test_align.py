@@ -2,15 +2,21 @@
 landmark sources' mapping to the recipe's four points, and the one-line errors of `ffclip invert` and `ffclip edit`.
 
 No landmark model can be run here (dlib and MediaPipe are optional extras and their model files are not at hand), so
-the landmark sources appear as test doubles, each saying what it stands for.
+the landmark sources appear as test doubles, each saying what it stands for and holding to the names the packages
+declare.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
+import re
 import sys
 import types
 import zipfile
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -236,31 +242,93 @@ def test_landmark_model_files_are_checked(tmp_path, monkeypatch):
             open_landmarks(tmp_path / name)
 
 
-def fake_dlib(parts: list[list[list[int]]], loads: bool = True) -> types.ModuleType:
+# What ffclip.align uses of each landmark package, as the package documents its Python API (dlib.net/python;
+# MediaPipe's mp.* Python reference, 0.10): each key is a path from the package, and the names an object there has;
+# for a key ending in "()", the keyword arguments calling it takes. The stand-ins below have and take these names
+# only, so a misspelt name in ffclip.align fails here; test_the_recorded_api_is_the_installed_packages holds the
+# record against each package that is installed.
+DLIB_API = {
+    "": ("shape_predictor", "get_frontal_face_detector", "full_object_detection", "point"),
+    "full_object_detection": ("num_parts", "parts"),
+    "point": ("x", "y"),
+}
+MEDIAPIPE_API = {
+    "": ("Image", "ImageFormat", "tasks"),
+    "Image()": ("image_format", "data"),
+    "ImageFormat": ("SRGB", "SRGBA", "GRAY8"),
+    "tasks": ("BaseOptions", "vision"),
+    "tasks.BaseOptions()": ("model_asset_path", "model_asset_buffer", "delegate"),
+    "tasks.vision": ("FaceLandmarker", "FaceLandmarkerOptions", "FaceLandmarkerResult", "RunningMode"),
+    "tasks.vision.FaceLandmarker": ("create_from_options", "detect"),
+    "tasks.vision.FaceLandmarkerOptions()": (
+        "base_options", "running_mode", "num_faces", "min_face_detection_confidence", "min_face_presence_confidence",
+        "min_tracking_confidence", "output_face_blendshapes", "output_facial_transformation_matrixes",
+        "result_callback",
+    ),
+    "tasks.vision.FaceLandmarkerResult": ("face_landmarks", "face_blendshapes", "facial_transformation_matrixes"),
+    "tasks.vision.RunningMode": ("IMAGE", "VIDEO", "LIVE_STREAM"),
+    "tasks.components.containers.NormalizedLandmark": ("x", "y", "z", "visibility", "presence"),
+}
+
+
+def stand_in_for(api: dict[str, tuple[str, ...]], path: str, **members: object) -> types.SimpleNamespace:
+    """A stand-in for the object at `path` in a package holding `members`, each a name the package declares there."""
+    undeclared = sorted(set(members) - set(api[path]))
+    assert not undeclared, f"{path or 'the package'} declares no {undeclared}"
+    return types.SimpleNamespace(**members)
+
+
+def call_stand_in_for(api: dict[str, tuple[str, ...]], path: str) -> Callable[..., types.SimpleNamespace]:
+    """A stand-in for calling `path` (its keyword arguments as attributes of what it returns); a keyword the package
+    does not declare raises TypeError, as the package's own would."""
+
+    def call(**kwargs: object) -> types.SimpleNamespace:
+        undeclared = sorted(set(kwargs) - set(api[f"{path}()"]))
+        if undeclared:
+            raise TypeError(f"{path}() got unexpected keyword arguments {undeclared}")
+        return types.SimpleNamespace(**kwargs)
+
+    return call
+
+
+def _declared_names(obj: object, call: bool) -> set[str]:
+    """The keyword arguments calling `obj` takes (`call`), or the names `obj` has (a dataclass: its fields too)."""
+    if dataclasses.is_dataclass(obj):
+        fields = {f.name for f in dataclasses.fields(obj)}
+        return fields if call else fields | set(dir(obj))
+    if not call:
+        return set(dir(obj))
+    try:
+        return set(inspect.signature(obj).parameters)
+    except (TypeError, ValueError):  # a compiled class (pybind11) writes its signatures into its docstring instead
+        return set(re.findall(r"(\w+): ", obj.__init__.__doc__ or ""))
+
+
+@pytest.mark.parametrize("package, api", [("dlib", DLIB_API), ("mediapipe", MEDIAPIPE_API)])
+def test_the_recorded_api_is_the_installed_packages(package, api):
+    module = pytest.importorskip(package)
+    for key, names in api.items():
+        path = key.removesuffix("()")
+        obj = functools.reduce(getattr, filter(None, path.split(".")), module)
+        missing = sorted(set(names) - _declared_names(obj, key.endswith("()")))
+        assert not missing, f"{package}.{path} declares no {missing}"
+
+
+def fake_dlib(parts: list[list[list[int]]], loads: bool = True) -> types.SimpleNamespace:
     """Stands for the dlib package as `DlibLandmarks` uses it: a detector giving one box per face and a shape
     predictor giving each face's `parts` (or failing to load, as dlib does on a damaged file)."""
 
-    class Point:
-        def __init__(self, x, y):
-            self.x, self.y = x, y
-
-    class Shape:
-        def __init__(self, points):
-            self.num_parts = len(points)
-            self._points = points
-
-        def parts(self):
-            return [Point(x, y) for x, y in self._points]
+    def shape(points: list[list[int]]) -> types.SimpleNamespace:
+        return stand_in_for(DLIB_API, "full_object_detection", num_parts=len(points),
+                            parts=lambda: [stand_in_for(DLIB_API, "point", x=x, y=y) for x, y in points])
 
     def shape_predictor(path):
         if not loads:
             raise RuntimeError("Unexpected version found while deserializing dlib::shape_predictor.")
-        return lambda photo, box: Shape(parts[box])
+        return lambda photo, box: shape(parts[box])
 
-    module = types.ModuleType("dlib")
-    module.shape_predictor = shape_predictor
-    module.get_frontal_face_detector = lambda: lambda photo, upsample: list(range(len(parts)))
-    return module
+    return stand_in_for(DLIB_API, "", shape_predictor=shape_predictor,
+                        get_frontal_face_detector=lambda: lambda photo, upsample: list(range(len(parts))))
 
 
 def test_dlib_source_gives_the_four_points(tmp_path, monkeypatch):
@@ -282,27 +350,29 @@ def test_dlib_source_gives_the_four_points(tmp_path, monkeypatch):
     assert open_landmarks(path)(np.zeros((64, 64, 3), np.uint8)).shape == (0, 4, 2)
 
 
-def fake_mediapipe(meshes: list[np.ndarray], opens: bool = True) -> types.ModuleType:
+def fake_mediapipe(meshes: list[np.ndarray], opens: bool = True) -> tuple[types.SimpleNamespace, list]:
     """Stands for the mediapipe package as `MediaPipeLandmarks` uses it: a face landmarker in image mode whose
-    result holds `meshes` (normalised x, y per point), or that fails to open, as MediaPipe does on a damaged bundle."""
-    ns = types.SimpleNamespace
-    created = []
+    result holds `meshes` (normalised x, y per point), or that fails to open, as MediaPipe does on a damaged bundle.
+    Returns the package and the list of the options each landmarker was created with."""
+    api, created = MEDIAPIPE_API, []
+    result = stand_in_for(api, "tasks.vision.FaceLandmarkerResult", face_landmarks=[
+        [stand_in_for(api, "tasks.components.containers.NormalizedLandmark", x=x, y=y) for x, y in mesh]
+        for mesh in meshes])
 
-    class FaceLandmarker:
-        @staticmethod
-        def create_from_options(options):
-            if not opens:
-                raise ValueError("Unable to open the model")
-            created.append(options)
-            return ns(detect=lambda image: ns(face_landmarks=[[ns(x=x, y=y) for x, y in m] for m in meshes]))
+    def create_from_options(options):
+        if not opens:
+            raise ValueError("Unable to open the model")
+        created.append(options)
+        return stand_in_for(api, "tasks.vision.FaceLandmarker", detect=lambda image: result)
 
-    vision = ns(FaceLandmarker=FaceLandmarker, FaceLandmarkerOptions=ns, RunningMode=ns(IMAGE="image"))
-    module = types.ModuleType("mediapipe")
-    module.tasks = ns(vision=vision, BaseOptions=ns)
-    module.Image = ns
-    module.ImageFormat = ns(SRGB="srgb")
-    module.created = created
-    return module
+    vision = stand_in_for(
+        api, "tasks.vision", FaceLandmarkerOptions=call_stand_in_for(api, "tasks.vision.FaceLandmarkerOptions"),
+        FaceLandmarker=stand_in_for(api, "tasks.vision.FaceLandmarker", create_from_options=create_from_options),
+        RunningMode=stand_in_for(api, "tasks.vision.RunningMode", IMAGE="image"))
+    tasks = stand_in_for(api, "tasks", vision=vision, BaseOptions=call_stand_in_for(api, "tasks.BaseOptions"))
+    module = stand_in_for(api, "", tasks=tasks, Image=call_stand_in_for(api, "Image"),
+                          ImageFormat=stand_in_for(api, "ImageFormat", SRGB="srgb"))
+    return module, created
 
 
 def test_mediapipe_source_gives_the_four_points_in_pixels(tmp_path, monkeypatch):
@@ -310,15 +380,17 @@ def test_mediapipe_source_gives_the_four_points_in_pixels(tmp_path, monkeypatch)
     with zipfile.ZipFile(path, "w") as bundle:
         bundle.writestr("face_landmarks_detector.tflite", b"\x00" * 16)
     mesh = np.random.default_rng(2).random((478, 2))
-    module = fake_mediapipe([mesh])
+    module, created = fake_mediapipe([mesh])
     monkeypatch.setitem(sys.modules, "mediapipe", module)
     source = open_landmarks(path)
     assert isinstance(source, MediaPipeLandmarks)
-    assert module.created[0].running_mode == "image" and module.created[0].num_faces > 1
+    options = created[0]
+    assert options.running_mode == "image" and options.num_faces > 1
+    assert options.base_options.model_asset_path == str(path)
     pixels = mesh * [200, 100] - 0.5  # a 200 x 100 photo; normalised coordinates span it edge to edge
     assert np.allclose(source(np.zeros((100, 200, 3), np.uint8)), points_from_mesh(pixels)[None])
 
-    monkeypatch.setitem(sys.modules, "mediapipe", fake_mediapipe([], opens=False))
+    monkeypatch.setitem(sys.modules, "mediapipe", fake_mediapipe([], opens=False)[0])
     with pytest.raises(CheckpointError, match="MediaPipe cannot open as a face landmarker"):
         open_landmarks(path)
 
