@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -276,11 +276,17 @@ def _command_line(pid: int) -> str:
         return ""
 
 
-def test_a_stopped_editor_fails_health_and_edits_time_out(server):
-    url = server.url
+def _editor_replica(server: Server) -> int:
+    """The process id of the server's one editor replica."""
     replicas = [pid for pid in _marked(server.mark) if "EditorReplica" in _command_line(pid)]
     assert len(replicas) == 1, replicas
-    os.kill(replicas[0], signal.SIGSTOP)
+    return replicas[0]
+
+
+def test_a_stopped_editor_fails_health_and_edits_time_out(server):
+    url = server.url
+    replica = _editor_replica(server)
+    os.kill(replica, signal.SIGSTOP)
     try:
         code, _, answer = call(url, "/healthz")
         assert code == 503 and "did not answer" in one_line_error(answer)
@@ -289,7 +295,7 @@ def test_a_stopped_editor_fails_health_and_edits_time_out(server):
         assert code == 504 and "in time" in one_line_error(answer)
         assert time.monotonic() - start < EDIT_TIMEOUT_S + 2
     finally:
-        os.kill(replicas[0], signal.SIGCONT)
+        os.kill(replica, signal.SIGCONT)
     assert call(url, "/healthz")[0] == 200
     assert call(url, "/v1/edit", {"prompt": "unstuck", "seed": 1})[0] == 200
 
@@ -311,20 +317,56 @@ def test_unseen_words_of_the_world_text_encoder_are_named(url, tmp_path):
     assert ServeConfig(sources=other).world_text_encoder is False
 
 
-def test_a_flood_gets_503_with_retry_after_and_batches_form(url, pipeline):
-    bodies = [{"prompt": f"shape {i % 3}", "seed": i} for i in range(60)]
+def _queue_depth(url: str) -> float:
+    """The gateway's count of edits taken in and not yet answered."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = call(url, "/metrics")[2].decode()
+    return next(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                if s.name == "ffclip_queue_depth")
+
+
+def _wait_until_taken_in(url: str, sent: list[Future]) -> None:
+    """Wait until each request of `sent` is answered or counted in the gateway's queue depth."""
+    deadline = time.monotonic() + 60
+    # answers first: an edit leaves the count before its answer arrives, so none is counted twice
+    while sum(f.done() for f in sent) + _queue_depth(url) < len(sent):
+        assert time.monotonic() < deadline, "the gateway did not take the edits in"
+        time.sleep(0.02)
+
+
+def test_a_flood_gets_503_with_retry_after_and_batches_form(server, pipeline):
+    # With the editor stopped no edit is answered, so one edit more than the editor's slots and the queue hold must be
+    # refused, however fast the machine. The edits go in lots of half the bodies read at once, each lot taken in
+    # before the next, so no refusal comes from the limit on uploads. What is held must then be answered within
+    # EDIT_TIMEOUT_S of its arrival; the whole flood takes well under a second.
+    url, replica = server.url, _editor_replica(server)
+    held = ServeConfig(max_batch=MAX_BATCH, queue=QUEUE).editor_slots + QUEUE
+    bodies = [{"prompt": f"shape {i % 3}", "seed": i} for i in range(held + 1)]
+    lot = MAX_UPLOADS // 2
+    assert call(url, "/v1/edit", {"prompt": "before", "seed": 1})[0] == 200  # the gateway has asked what is served
     with ThreadPoolExecutor(len(bodies)) as pool:
-        answers = list(pool.map(lambda b: call(url, "/v1/edit", b), bodies))
-    codes = [code for code, _, _ in answers]
-    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
-    assert all(int(h["retry-after"]) >= 1 for code, h, _ in answers if code == 503)
-    batches = [int(h["x-ffclip-batch-size"]) for code, h, _ in answers if code == 200]
+        os.kill(replica, signal.SIGSTOP)
+        try:
+            sent: list[Future] = []
+            for start in range(0, len(bodies), lot):
+                sent += [pool.submit(call, url, "/v1/edit", body) for body in bodies[start:start + lot]]
+                _wait_until_taken_in(url, sent)
+            refused = {i for i, f in enumerate(sent) if f.done()}
+        finally:
+            os.kill(replica, signal.SIGCONT)
+        answers = [f.result() for f in sent]
+    assert refused and all(answers[i][0] == 503 and "the service is busy" in one_line_error(answers[i][2])
+                           and int(answers[i][1]["retry-after"]) >= 1 for i in refused), answers
+    served = [(body, answer) for i, (body, answer) in enumerate(zip(bodies, answers)) if i not in refused]
+    assert [code for _, (code, _, _) in served] == [200] * len(served)
+    # the edits held while the editor was stopped reach it at once and go in batches
+    batches = [int(h["x-ffclip-batch-size"]) for _, (_, h, _) in served]
     assert max(batches) > 1 and max(batches) <= MAX_BATCH
     # pictures made in a batch are within one level of the same edit made alone
-    for body, (code, _, png) in zip(bodies, answers):
-        if code == 200:
-            w = pipeline.sample_latents(1, body["seed"], DEFAULT_TRUNCATION)
-            assert levels(picture(png), pipeline.edit(w, [body["prompt"]])[0]) <= 1
+    for body, (_, _, png) in served:
+        w = pipeline.sample_latents(1, body["seed"], DEFAULT_TRUNCATION)
+        assert levels(picture(png), pipeline.edit(w, [body["prompt"]])[0]) <= 1
     assert call(url, "/healthz")[0] == 200
     assert call(url, "/v1/edit", {"prompt": "after", "seed": 1})[0] == 200
 
@@ -406,6 +448,14 @@ def test_cli_refuses_a_busy_port_and_mixed_sources_in_one_line(monkeypatch, caps
     (tmp_path / "g.pt").write_bytes(b"")
     line = serve_cli(monkeypatch, capsys, "--artifacts", str(tmp_path), "--generator", str(tmp_path / "g.pt"))
     assert line.startswith("ffclip: error: --generator/--mapper/--clip do not apply with --artifacts")
+
+
+def test_cli_refuses_a_preset_the_folder_was_not_exported_from(monkeypatch, capsys, tmp_path):
+    from micro_preset import export_micro
+
+    folder = export_micro(tmp_path / "micro")
+    line = serve_cli(monkeypatch, capsys, "--artifacts", str(folder), "--preset", "world")
+    assert line.startswith(f"ffclip: error: --preset world contradicts --artifacts {folder}"), line
 
 
 def test_cli_refuses_more_replicas_than_cpus_in_one_line(monkeypatch, capsys):
