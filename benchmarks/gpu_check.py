@@ -84,7 +84,7 @@ def _median_ms(fn: Callable[[], Any], plan: Plan) -> float:
 def kernel_checks(plan: Plan) -> list[Check]:
     """Each modulated-convolution layer kind and the mapper kernels against float64, timed against their references."""
     from ffclip import kernels
-    from ffclip.artifacts import PRECISIONS
+    from ffclip.backends import PRECISIONS
     from ffclip.export.parity import errors
 
     checks = []
@@ -188,7 +188,7 @@ class _Skip(Exception):
 
 def model_checks(plan: Plan) -> list[Check]:
     """The mapper (fp32) and the generator (`plan.generator_dtype`) in every form at every batch, against eager."""
-    from ffclip.artifacts import PRECISIONS
+    from ffclip.backends import PRECISIONS
     from ffclip.config import MapperConfig
     from ffclip.export.parity import errors
     from ffclip.factory import build_generator, build_mapper
@@ -247,7 +247,7 @@ def edit_check(plan: Plan) -> Check:
     """Text encoder, mapper and generator in one edit at batch 1 (eager, the generator in its check dtype)."""
 
     def run() -> dict[str, Any]:
-        from ffclip.artifacts import PRECISIONS
+        from ffclip.backends import PRECISIONS
         from ffclip.config import PRESETS, MapperConfig, Preset
         from ffclip.factory import build_preset
 

@@ -111,21 +111,13 @@ def unjudged_reason(settings: Settings) -> str | None:
 
 Progress = Callable[[str, int], None]
 
-_COMPUTE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-
-
-def held_precision(manifest: dict[str, Any], backend: str, device: torch.device) -> str:
-    """The precision a runtime backend computes in from an exported folder: ONNX files are fp32 graphs, TorchScript
-    computes in the dtype it was traced with, the eager weights (triton) run under autocast only on CUDA, and TensorRT
-    engines are built at the folder's precision."""
-    if backend == "onnxruntime":
-        return "fp32"
-    if backend == "torchscript":
-        dtypes = {s.get("torchscript", {}).get("compute_dtype", "float32") for s in manifest["stages"].values()}
-        return _COMPUTE.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "mixed"
-    if backend == "triton" and device.type != "cuda":
-        return "fp32"
-    return manifest["precision"]
+def held_precision(manifest: dict[str, Any], backend: str) -> str:
+    """The precision a runtime backend computes in from an exported folder, as the export recorded it for the text
+    encoder and the generator (the mapper computes in fp32 everywhere): "mixed" when they differ."""
+    artifact = engine_class(backend).artifact
+    held = {manifest["stages"][stage].get("compute_precision", {}).get(artifact, "fp32")
+            for stage in ("text_encoder", "generator")}
+    return held.pop() if len(held) == 1 else "mixed"
 
 
 def missing_artifacts(manifest: dict[str, Any], backend: str) -> str | None:
@@ -308,7 +300,7 @@ class Benchmark:
             if missing is not None:
                 return "skipped", (f"{given} holds no {backend} artifacts ({missing}); export {precision} ones for "
                                    "this row")
-            held = held_precision(self.given, backend, torch.device(self.settings.device))
+            held = held_precision(self.given, backend)
             if precision != held:
                 return "skipped", f"{given} holds {held} {backend} artifacts; export {precision} ones for this row"
             return given

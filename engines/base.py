@@ -3,7 +3,8 @@
 An engine is built from an artifact folder (or, for the eager backend, an in-memory module), the manifest's entry for
 one stage (`ffclip.artifacts.StageInfo`) and a device. It takes a dict of named input tensors (any device; the engine
 moves them) and returns a dict of named output tensors on its device.
-Engines never split batches or validate values; `ffclip.runtime.Runtime` does that once for every backend.
+Engines never validate values, nor cut a batch into the calls the caller sees: `ffclip.runtime.Runtime` does both once
+for every backend (an engine may still spread one call over parallel requests internally, as OpenVINO's does).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from ffclip.artifacts import StageInfo
+from ffclip.backends import BACKENDS
 from ffclip.errors import FfclipError
 
 
@@ -38,7 +40,7 @@ class StageEngine(abc.ABC):
     """
 
     backend: ClassVar[str]
-    # the exported format this backend serves (a key of the manifest's per-stage "files")
+    # the exported format this backend serves (a key of the manifest's per-stage "files"), from its record
     artifact: ClassVar[str]
     thread_safe: ClassVar[bool] = False
 
@@ -50,6 +52,17 @@ class StageEngine(abc.ABC):
         self._state = threading.Condition()  # guards `_closed` and `_active`
         self._closed = False
         self._active = 0
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "backend" in cls.__dict__:
+            cls.artifact = BACKENDS[cls.backend].artifact
+
+    @classmethod
+    def fits(cls, stage: StageInfo, device: torch.device) -> str | None:
+        """None when this stage's artifact can serve `device`, else why not (one line); what `auto` checks before
+        choosing the backend."""
+        return None
 
     @classmethod
     @abc.abstractmethod

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ffclip.artifacts import PRECISIONS, StageInfo
+from ffclip.artifacts import StageInfo
+from ffclip.backends import PRECISIONS
 from ffclip.checkpoints.bundle import load_module
 from ffclip.engines.base import StageEngine, cuda_reason
 
@@ -18,7 +19,6 @@ class EagerEngine(StageEngine):
     Given `module`, runs that module instead of reading a folder (`folder` is then None)."""
 
     backend = "eager"
-    artifact = "eager"
 
     def __init__(self, folder: Path | None, stage: StageInfo, device: torch.device, module: nn.Module | None = None):
         super().__init__(folder, stage, device)

@@ -66,7 +66,6 @@ class OnnxRuntimeEngine(StageEngine):
     """Runs `onnx/<stage>.onnx` in one `InferenceSession` (whose `run` is safe to call from many threads)."""
 
     backend = "onnxruntime"
-    artifact = "onnx"
     thread_safe = True
 
     def __init__(self, folder: Path, stage: StageInfo, device: torch.device, threads: int | None = None):

@@ -57,7 +57,6 @@ class OpenVinoEngine(StageEngine):
     """Runs `openvino/<stage>.xml` on the CPU; compiled models are safe to share, each call takes its own requests."""
 
     backend = "openvino"
-    artifact = "openvino"
     thread_safe = True
 
     def __init__(self, folder: Path, stage: StageInfo, device: torch.device, threads: int | None = None,

@@ -257,7 +257,6 @@ class TensorRTEngine(StageEngine):
     """
 
     backend = "tensorrt"
-    artifact = "tensorrt"
 
     def __init__(self, folder: Path, stage: StageInfo, device: torch.device, cuda_graphs: bool = True):
         super().__init__(folder, stage, device)

@@ -17,20 +17,22 @@ class TorchScriptEngine(StageEngine):
     on the CPU serves the CPU and one traced on CUDA serves CUDA."""
 
     backend = "torchscript"
-    artifact = "torchscript"
 
     def __init__(self, folder: Path, stage: StageInfo, device: torch.device):
         super().__init__(folder, stage, device)
         path = stage.file(self.folder, self.artifact)
-        traced_on = stage.entry.get("torchscript", {}).get("device", "cpu")
-        if torch.device(traced_on).type != self.device.type:
-            raise EngineUnavailable(
-                f"{path}: traced on {traced_on}, cannot serve {self.device}; "
-                f"re-export with ffclip-export --device {self.device.type} --out {self.folder}"
-            )
+        reason = self.fits(stage, self.device)
+        if reason is not None:
+            raise EngineUnavailable(f"{path}: {reason}; re-export with ffclip-export --device {self.device.type} "
+                                    f"--out {self.folder}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             self._module = torch.jit.load(io.BytesIO(stage.read(self.folder, self.artifact)), map_location=self.device).eval()
+
+    @classmethod
+    def fits(cls, stage: StageInfo, device: torch.device) -> str | None:
+        traced_on = stage.entry.get("torchscript", {}).get("device", "cpu")
+        return None if torch.device(traced_on).type == device.type else f"traced on {traced_on}, cannot serve {device}"
 
     @classmethod
     def availability(cls, device: torch.device) -> str | None:

@@ -18,78 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ffclip.artifacts import (
-    MANIFEST,
-    PHOTO_SIZE,
-    PRECISIONS,
-    compute_precision,
-    model_facts,
-    read_manifest,
-    sha256,
-    write_manifest,
-)
+from ffclip.artifacts import MANIFEST, PHOTO_SIZE, model_facts, read_manifest, sha256, write_manifest
 from ffclip.atomic import atomic_dir
+from ffclip.backends import EAGER_ARTIFACT, FORMATS, Backend, by_artifact, compute_precision, needed_artifacts
 from ffclip.checkpoints.bundle import save_module
 from ffclip.engines import engine_class
-from ffclip.engines.tensorrt import bf16_supported, tensorrt_reason
 from ffclip.errors import FfclipError, InputError, summarize
 from ffclip.outputs import check_output_folder
 
-from ffclip.export.onnx_export import DEFAULT_OPSET, export_onnx
-from ffclip.export.openvino_export import export_openvino, openvino_skip_reason
+from ffclip.export.options import ExportOptions
 from ffclip.export.parity import Parity, check_parity, float64_referee
-from ffclip.export.stages import FLOAT64_REFEREE, StageSpec, format_precision, stage_specs
-from ffclip.export.tensorrt_build import TIMING_CACHE, build_engine, export_precision_onnx
-from ffclip.export.torchscript_export import export_torchscript
-
-FORMATS = ("onnx", "torchscript", "tensorrt", "openvino")
-# formats built from another format's file: asking for one builds that one too
-BUILT_FROM = {"tensorrt": "onnx", "openvino": "onnx"}
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """What to build and for which batch range."""
-
-    precision: str = "fp32"
-    formats: tuple[str, ...] = FORMATS
-    min_batch: int = 1
-    opt_batch: int = 4
-    max_batch: int = 16
-    opset: int = DEFAULT_OPSET
-    device: torch.device = torch.device("cpu")
-    # the encoder stage's input size; the released e4e encoder reads 256 px (smaller sizes keep tests quick)
-    photo_size: int = PHOTO_SIZE
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise InputError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
-        unknown = sorted(set(self.formats) - set(FORMATS))
-        if unknown or not self.formats:
-            raise InputError(f"unknown formats {unknown or '(none given)'}; choose from {', '.join(FORMATS)}")
-        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise InputError(
-                f"batch range must satisfy 1 <= min <= opt <= max, got {self.min_batch}/{self.opt_batch}/{self.max_batch}"
-            )
-        if self.photo_size < 16 or self.photo_size & (self.photo_size - 1):
-            raise InputError(f"photo size {self.photo_size}: the encoder reads square photos of a power of two pixels, "
-                             f"at least 16 ({PHOTO_SIZE} for the released e4e encoder)")
-
-    @property
-    def built_formats(self) -> tuple[str, ...]:
-        """The requested formats and those they are built from, in `FORMATS` order."""
-        wanted = {*self.formats, *(BUILT_FROM[f] for f in self.formats if f in BUILT_FROM)}
-        return tuple(f for f in FORMATS if f in wanted)
-
-    @property
-    def batch(self) -> tuple[int, int, int]:
-        return self.min_batch, self.opt_batch, self.max_batch
-
-    @property
-    def parity_batches(self) -> tuple[int, ...]:
-        """Two batch sizes in the range (one when the range is a single size)."""
-        second = self.opt_batch if self.opt_batch != self.min_batch else self.max_batch
-        return tuple(sorted({self.min_batch, second}))
+from ffclip.export.stages import FLOAT64_REFEREE, StageSpec, stage_specs
+from ffclip.export.tensorrt_build import TIMING_CACHE
 
 
 @dataclass(frozen=True)
@@ -196,10 +136,10 @@ def _export_stage(
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
     entry: dict[str, Any] = {**spec.manifest_entry(), "files": {}, "parity": {}, "status": {}, "compute_precision": {
-        "eager": format_precision(spec.name, options.precision, "eager", options.device)}}
+        EAGER_ARTIFACT: compute_precision(spec.name, by_artifact(EAGER_ARTIFACT).name, options.precision, options.device)}}
     progress(f"{spec.name}: saving eager weights")
-    entry["files"]["eager"] = f"{spec.name}.safetensors"
-    save_module(folder / entry["files"]["eager"], module)
+    entry["files"][EAGER_ARTIFACT] = f"{spec.name}.safetensors"
+    save_module(folder / entry["files"][EAGER_ARTIFACT], module)
 
     def reference(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -211,17 +151,21 @@ def _export_stage(
         return {spec.output_names[0]: floor()(*(inputs[n] for n in spec.input_names))}
 
     for fmt in FORMATS:
-        reason = _skip_reason(fmt, entry, options)
+        record = by_artifact(fmt)
+        reason = _skip_reason(record, entry, options)
         if reason is not None:
             report.outcomes.append(Outcome(spec.name, fmt, "skipped", reason))
             entry["status"][fmt] = f"skipped: {reason}"
             continue
-        needed_by = [f for f in options.formats if BUILT_FROM.get(f) == fmt]
+        needed_by = [f for f in options.formats if f != fmt and fmt in needed_artifacts(f)]
         progress(f"{spec.name}: building {fmt}" + (f" ({', '.join(needed_by)} builds from it)" if needed_by else ""))
         start = time.perf_counter()
+        device = record.check_device(options.device)
+        precision = compute_precision(spec.name, record.name, options.precision, device)
         try:
             with _exact_cuda_math():
-                parity = _BUILDERS[fmt](spec, module, folder, options, entry, (reference, reference64))
+                record.build_module().build(spec, module, folder, options, entry)
+                parity = _parity(spec, folder, options, entry, record, device, precision, (reference, reference64))
         except Exception as exc:
             report.outcomes.append(Outcome(spec.name, fmt, "failed", summarize(exc), time.perf_counter() - start))
             entry["files"].pop(fmt, None)
@@ -231,7 +175,7 @@ def _export_stage(
         if parity.ok:
             report.outcomes.append(Outcome(spec.name, fmt, "built", parity.describe(), seconds))
             entry["status"][fmt] = "built"
-            entry["compute_precision"][fmt] = format_precision(spec.name, options.precision, fmt, options.device)
+            entry["compute_precision"][fmt] = precision
         else:
             report.outcomes.append(Outcome(spec.name, fmt, "failed", f"parity over tolerance: {parity.describe()}", seconds))
     return entry
@@ -247,90 +191,25 @@ def check_buildable(options: ExportOptions) -> None:
 
 
 def _machine_reason(fmt: str, options: ExportOptions) -> str | None:
-    """Why this machine cannot build `fmt` at the options' precision, or None when it can."""
-    if fmt == "tensorrt":
-        reason = tensorrt_reason(options.device)
-        if reason is None and options.precision == "bf16" and not bf16_supported(options.device):
-            reason = "this GPU has no bf16 support"
-        return reason
-    if fmt == "openvino":
-        return openvino_skip_reason(options.precision)
-    return None
+    """Why this machine cannot build `fmt` for the options, or None when it can."""
+    return by_artifact(fmt).build_module().skip_reason(options)
 
 
-def _skip_reason(fmt: str, entry: dict[str, Any], options: ExportOptions) -> str | None:
+def _skip_reason(record: Backend, entry: dict[str, Any], options: ExportOptions) -> str | None:
+    fmt = record.artifact
     if fmt not in options.built_formats:
         return "not requested (--formats)"
-    source = BUILT_FROM.get(fmt)
-    if source is not None and source not in entry["files"]:
-        return f"{fmt} is built from the {source} file, which was not built"
+    if record.built_from is not None and record.built_from not in entry["files"]:
+        return f"{fmt} is built from the {record.built_from} file, which was not built"
     return _machine_reason(fmt, options)
 
 
-def _build_onnx(spec, module, folder, options, entry, references) -> Parity:
-    path = folder / "onnx" / f"{spec.name}.onnx"
-    result = export_onnx(spec, module, path, options.opset)
-    entry["files"]["onnx"] = path.relative_to(folder).as_posix()
-    entry["onnx"] = {
-        "opset": options.opset,
-        "nodes_before_surgery": result.nodes_before,
-        "nodes_after_surgery": result.nodes_after,
-        "external_data": result.external_data,
-    }
-    # ONNX files are fp32 graphs (TensorRT applies the reduced precision), checked on ONNX Runtime's CPU provider
-    return _parity(spec, folder, options, entry, "onnxruntime", torch.device("cpu"), "fp32", references)
-
-
-def _build_torchscript(spec, module, folder, options, entry, references) -> Parity:
-    path = folder / "torchscript" / f"{spec.name}.pt"
-    precision = format_precision(spec.name, options.precision, "torchscript", options.device)
-    dtype = PRECISIONS[precision]
-    export_torchscript(spec, module, path, options.device, dtype)
-    entry["files"]["torchscript"] = path.relative_to(folder).as_posix()
-    entry["torchscript"] = {"device": options.device.type, "compute_dtype": str(dtype).removeprefix("torch.")}
-    return _parity(spec, folder, options, entry, "torchscript", options.device, precision, references)
-
-
-def _build_tensorrt(spec, module, folder, options, entry, references) -> Parity:
-    plan = folder / "tensorrt" / f"{spec.name}.plan"
-    graph = export_precision_onnx(spec, module, folder, options.precision, options.opset)
-    facts = build_engine(
-        spec,
-        graph,
-        plan,
-        folder / "tensorrt" / f"{spec.name}.build.log",
-        folder / TIMING_CACHE,
-        options.precision,
-        options.batch,
-        options.device,
-    )
-    entry["files"]["tensorrt"] = plan.relative_to(folder).as_posix()
-    entry["tensorrt"] = {**facts, "onnx": graph.relative_to(folder).as_posix(),
-                         "build_log": f"tensorrt/{spec.name}.build.log", "timing_cache": TIMING_CACHE}
-    return _parity(spec, folder, options, entry, "tensorrt", options.device, options.precision, references)
-
-
-def _build_openvino(spec, module, folder, options, entry, references) -> Parity:
-    xml = folder / "openvino" / f"{spec.name}.xml"
-    facts = export_openvino(folder / entry["files"]["onnx"], xml, spec.name, options.precision)
-    entry["files"]["openvino"] = xml.relative_to(folder).as_posix()
-    entry["openvino"] = {**facts, "weights": xml.with_suffix(".bin").relative_to(folder).as_posix()}
-    precision = compute_precision(spec.name, options.precision)
-    return _parity(spec, folder, options, entry, "openvino", torch.device("cpu"), precision, references)
-
-
-_BUILDERS = {
-    "onnx": _build_onnx,
-    "torchscript": _build_torchscript,
-    "tensorrt": _build_tensorrt,
-    "openvino": _build_openvino,
-}
-
-
-def _parity(spec, folder, options, entry, backend, device, precision, references) -> Parity:
-    """Run the artifact through its engine and compare with the stage's referee on the CPU (eager fp32 or float64)."""
+def _parity(spec: StageSpec, folder: Path, options: ExportOptions, entry: dict[str, Any], record: Backend,
+            device: torch.device, precision: str, references: tuple[Callable, Callable]) -> Parity:
+    """Run the artifact through its engine on `device` and compare with the stage's referee on the CPU (eager fp32 or
+    float64), at the tolerance of the precision it computes in."""
     info = spec.info(entry["files"], options.batch, options.precision, entry)
-    engine = engine_class(backend)(folder, info, device)
+    engine = engine_class(record.name)(folder, info, device)
     try:
         return check_parity(
             spec,

@@ -6,6 +6,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -13,9 +14,9 @@ import onnx_graphsurgeon as gs
 import torch
 from torch import nn
 
+from ffclip.export.options import DEFAULT_OPSET, ExportOptions
 from ffclip.export.stages import Boundary, StageSpec
 
-DEFAULT_OPSET = 18
 # protobuf cannot serialise a message of 2 GiB or more; larger models keep their weights in one side file
 _PROTOBUF_LIMIT = 2**31 - 1
 
@@ -28,6 +29,24 @@ class OnnxResult:
     nodes_before: int
     nodes_after: int
     external_data: bool
+
+
+def skip_reason(options: ExportOptions) -> str | None:
+    """ONNX export runs wherever torch does."""
+    return None
+
+
+def build(spec: StageSpec, module: nn.Module, folder: Path, options: ExportOptions, entry: dict[str, Any]) -> None:
+    """Write `onnx/<stage>.onnx`, a float32 graph whatever the export's precision, and its facts."""
+    path = folder / "onnx" / f"{spec.name}.onnx"
+    result = export_onnx(spec, module, path, options.opset)
+    entry["files"]["onnx"] = path.relative_to(folder).as_posix()
+    entry["onnx"] = {
+        "opset": options.opset,
+        "nodes_before_surgery": result.nodes_before,
+        "nodes_after_surgery": result.nodes_after,
+        "external_data": result.external_data,
+    }
 
 
 def export_onnx(spec: StageSpec, module: nn.Module, path: Path, opset: int = DEFAULT_OPSET,

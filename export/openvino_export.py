@@ -10,8 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ffclip.artifacts import compute_precision
+from torch import nn
+
+from ffclip.backends import compute_precision
 from ffclip.engines.openvino import INFERENCE_PRECISIONS, bf16_reason, openvino_reason
+from ffclip.export.options import ExportOptions
+from ffclip.export.stages import StageSpec
+
+
+def skip_reason(options: ExportOptions) -> str | None:
+    """Why the openvino format cannot be built for `options` here (one line), or None when it can."""
+    return openvino_skip_reason(options.precision)
 
 
 def openvino_skip_reason(precision: str) -> str | None:
@@ -28,6 +37,14 @@ def openvino_skip_reason(precision: str) -> str | None:
     return None
 
 
+def build(spec: StageSpec, module: nn.Module, folder: Path, options: ExportOptions, entry: dict[str, Any]) -> None:
+    """Convert the stage's ONNX file to `openvino/<stage>.xml` and `.bin`, and record them."""
+    xml = folder / "openvino" / f"{spec.name}.xml"
+    facts = export_openvino(folder / entry["files"]["onnx"], xml, spec.name, options.precision)
+    entry["files"]["openvino"] = xml.relative_to(folder).as_posix()
+    entry["openvino"] = {**facts, "weights": xml.with_suffix(".bin").relative_to(folder).as_posix()}
+
+
 def export_openvino(onnx_path: Path, xml_path: Path, stage: str, precision: str) -> dict[str, Any]:
     """Convert the ONNX file to `xml_path` (and its `.bin` weights) and return the manifest's facts about it."""
     import openvino as ov
@@ -36,6 +53,6 @@ def export_openvino(onnx_path: Path, xml_path: Path, stage: str, precision: str)
     xml_path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
     return {
-        "inference_precision": INFERENCE_PRECISIONS[compute_precision(stage, precision)],
+        "inference_precision": INFERENCE_PRECISIONS[compute_precision(stage, "openvino", precision, "cpu")],
         "version": ov.get_version(),
     }

@@ -19,7 +19,6 @@ from ffclip.artifacts import (
     TensorInfo,
     check_encoder_fits,
     check_stages_fit,
-    compute_precision,
     model_facts,
     stage_tensors,
 )
@@ -60,18 +59,6 @@ FLOAT64_REFEREE = "float64"
 EAGER_REFEREE = "eager fp32"
 # stages held to a float64 evaluation of the same module rather than to eager float32
 FLOAT64_REFEREED = ("mapper", "encoder")
-
-
-def format_precision(stage: str, precision: str, fmt: str, device: torch.device) -> str:
-    """The precision `stage` computes in, in format `fmt` (or "eager") of an export at `precision` on `device`.
-
-    ONNX files are float32 graphs (TensorRT builds the reduced precision from a graph of its own); TorchScript is traced
-    in reduced precision on CUDA only; eager runs its weights under autocast at the stage's precision on any device
-    (bf16 runs on every CPU, fast on those with AVX-512 BF16 or AMX).
-    """
-    if fmt == "onnx" or (fmt == "torchscript" and device.type != "cuda"):
-        return "fp32"
-    return compute_precision(stage, precision)
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ import onnx
 import torch
 from torch import nn
 
-from ffclip.artifacts import PRECISIONS, compute_precision
-from ffclip.engines.tensorrt import gpu_facts, import_tensorrt, make_logger
+from ffclip.backends import PRECISIONS, stage_precision
+from ffclip.engines.tensorrt import bf16_supported, gpu_facts, import_tensorrt, make_logger, tensorrt_reason
 from ffclip.export import tensorrt_operators
 from ffclip.export.onnx_export import export_onnx
+from ffclip.export.options import ExportOptions
 from ffclip.export.stages import StageSpec
 
 TIMING_CACHE = "tensorrt/timing.cache"
@@ -33,16 +34,40 @@ _ONNX_TYPES = {
 }
 
 
+def skip_reason(options: ExportOptions) -> str | None:
+    """Why this machine cannot build TensorRT engines for `options` (no TensorRT, no CUDA device, no bf16)."""
+    reason = tensorrt_reason(options.device)
+    if reason is None and options.precision == "bf16" and not bf16_supported(options.device):
+        reason = "this GPU has no bf16 support"
+    return reason
+
+
+def build(spec: StageSpec, module: nn.Module, folder: Path, options: ExportOptions, entry: dict[str, Any]) -> None:
+    """Build `tensorrt/<stage>.plan` from the stage's precision-planned graph, after checking that graph against the
+    parser's published operator list, and record the engine's facts."""
+    plan = folder / "tensorrt" / f"{spec.name}.plan"
+    graph = export_precision_onnx(spec, module, folder, options.precision, options.opset)
+    problems = unsupported_nodes(onnx.load(str(graph), load_external_data=False))
+    if problems:
+        raise RuntimeError(f"{graph.name} holds what TensorRT's ONNX parser {tensorrt_operators.PARSER_RELEASE} does "
+                           f"not accept: {'; '.join(problems[:5])}")
+    facts = build_engine(spec, graph, plan, folder / "tensorrt" / f"{spec.name}.build.log", folder / TIMING_CACHE,
+                         options.precision, options.batch, options.device)
+    entry["files"]["tensorrt"] = plan.relative_to(folder).as_posix()
+    entry["tensorrt"] = {**facts, "onnx": graph.relative_to(folder).as_posix(),
+                         "build_log": f"tensorrt/{spec.name}.build.log", "timing_cache": TIMING_CACHE}
+
+
 def precision_onnx_path(folder: Path, stage: str, precision: str) -> Path:
     """The graph TensorRT builds `stage` from: `onnx/<stage>.<precision>.onnx`, or the float32 graph."""
-    compute = compute_precision(stage, precision)
+    compute = stage_precision(stage, precision)
     return folder / "onnx" / (f"{stage}.onnx" if compute == "fp32" else f"{stage}.{compute}.onnx")
 
 
 def export_precision_onnx(spec: StageSpec, module: nn.Module, folder: Path, precision: str, opset: int) -> Path:
     """Write the precision-planned graph of one stage when it differs from the float32 one; returns its path."""
     path = precision_onnx_path(folder, spec.name, precision)
-    compute = compute_precision(spec.name, precision)
+    compute = stage_precision(spec.name, precision)
     if compute != "fp32":
         export_onnx(spec, copy.deepcopy(module), path, opset, dtype=PRECISIONS[compute])
     return path
@@ -139,4 +164,4 @@ def build_engine(
     finally:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text("\n".join(lines) + "\n")
-    return {**facts, "strongly_typed": True, "compute_precision": compute_precision(spec.name, precision)}
+    return {**facts, "strongly_typed": True, "compute_precision": stage_precision(spec.name, precision)}

@@ -1,4 +1,4 @@
-"""The artifact contract (DESIGN §1, §8, §9): stage names and tensors, precisions, backends and `manifest.json`.
+"""The artifact contract (DESIGN §1, §8): stage names and tensors, and `manifest.json`.
 
 The exporter writes folders through this module; engines and `ffclip.runtime` read them through it. It imports
 torch and the project's small leaf modules only, never models, the exporter or engines.
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ffclip.atomic import atomic_file, recover_dir
+from ffclip.backends import PRECISIONS
 from ffclip.errors import FfclipError, InputError, summarize
 
 if TYPE_CHECKING:
@@ -30,11 +31,6 @@ STAGES = ("text_encoder", "mapper", "generator")
 # Stages a folder may hold beside the three of every edit: the photo encoder that inverts photos to W+ (DESIGN §1).
 OPTIONAL_STAGES = ("encoder",)
 PHOTO_SIZE = 256  # the released e4e encoder's input, in pixels on a side
-BACKENDS = ("eager", "torchscript", "onnxruntime", "openvino", "tensorrt", "triton")
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Stages that compute in float32 whatever the export's precision: the mapper (0.1% of an edit's arithmetic) misses its
-# parity bound in fp16 and bf16, where its output is mostly rounding noise (DESIGN §9).
-FLOAT32_STAGES = ("mapper",)
 # tensor dtypes as the manifest names them
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -52,11 +48,6 @@ FORMAT_VERSION = 1
 
 class ArtifactError(FfclipError):
     """An artifact folder that is missing, incomplete, changed since export or of an unknown format."""
-
-
-def compute_precision(stage: str, precision: str) -> str:
-    """The precision `stage` computes in for an export at `precision`, where the format can compute it."""
-    return "fp32" if stage in FLOAT32_STAGES else precision
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ goes from a photo to its edits through one runtime.
 
 Engines load only bytes that were read once and checked against the manifest. A folder is pinned by passing the
 sha256 of its `manifest.json` (printed by `ffclip-export`); for a folder that is not pinned, `backend="auto"` chooses
-only among formats that are data (`DATA_ARTIFACTS`), never TorchScript archives or TensorRT plans, which are programs.
+only among backends whose artifacts are data (`Backend.data_only`), never TorchScript archives or TensorRT plans,
+which are programs.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ from .artifacts import (
     StageInfo,
     TensorInfo,
     check_encoder_fits,
-    compute_precision,
     read_manifest,
     stage_tensors,
 )
+from .backends import BACKENDS, REGISTRY, compute_precision
 from .checkpoints.bundle import load_module
 from .devices import resolve_device
 from .engines import EngineUnavailable, StageEngine, engine_class
@@ -51,9 +52,6 @@ from .models.text_encoder import tokenize
 from .photos import photo_batch
 from .strength import apply_strength, check_strength
 
-AUTO_ORDER = ("tensorrt", "openvino", "onnxruntime", "torchscript", "eager")
-# exported formats that are data, not programs: the only ones `auto` opens from a folder that is not pinned
-DATA_ARTIFACTS = ("onnx", "openvino", "eager")
 # One engine call gets at most as many rows as fit this budget, counting a row's working memory as
 # WORKING_MEMORY_FACTOR times its input and output bytes (measured on the demo preset on the CPU: about 117 times for
 # the mapper, 48 for the generator, less for the text encoder).
@@ -91,10 +89,10 @@ class Runtime:
     def load(cls, folder: str | Path, backend: str = "auto", device: str | torch.device | None = None,
              max_batch: int | None = None, cache_size: int = 1024, expected_sha256: str | None = None,
              memory_budget_mib: float | None = DEFAULT_MEMORY_BUDGET_MIB) -> "Runtime":
-        """Open an artifact folder. `backend` is "auto" (tensorrt on CUDA when built, openvino on the CPU when
-        built, else onnxruntime, torchscript, eager), or one of eager, torchscript, onnxruntime, tensorrt, triton,
-        openvino. `expected_sha256` pins the folder: the sha256 of its manifest.json, as `ffclip-export` prints it;
-        without it, auto uses only `DATA_ARTIFACTS`. `max_batch` caps the rows per engine call, and so does
+        """Open an artifact folder. `backend` is a name of `ffclip.backends.BACKENDS`, or "auto": the first backend
+        of `REGISTRY` that may run on this device type, was built for every stage and opens (on the CPU: openvino,
+        onnxruntime, torchscript, eager; on CUDA tensorrt first). `expected_sha256` pins the folder: the sha256 of
+        its manifest.json, as `ffclip-export` prints it; without it, auto uses only backends whose artifacts are data. `max_batch` caps the rows per engine call, and so does
         `memory_budget_mib` (None: no budget; see `DEFAULT_MEMORY_BUDGET_MIB`)."""
         folder = Path(folder)
         dev = resolve_device(device)
@@ -112,7 +110,7 @@ class Runtime:
                       "Runtime.use_encoder)")
         limits = (max_batch, cache_size, memory_budget_mib, no_encoder)
         if backend != "auto":
-            if expected_sha256 is None and engine_class(backend).artifact not in DATA_ARTIFACTS:
+            if expected_sha256 is None and backend in BACKENDS and not BACKENDS[backend].data_only:
                 warnings.warn(f"{folder} is not pinned, yet the {backend} backend runs the code its files hold; pin it "
                               "with --expect-sha256 (Runtime.load's expected_sha256), the manifest sha256 that "
                               "ffclip-export printed", stacklevel=2)
@@ -302,26 +300,26 @@ class Runtime:
 def eager_engine(name: str, tensors: tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]], module: nn.Module,
                  device: torch.device, precision: str) -> EagerEngine:
     """An eager engine of stage `name` over the in-memory `module`, computing as an export at `precision` would
-    (`ffclip.artifacts.compute_precision`)."""
+    (`ffclip.backends.compute_precision`)."""
     info = StageInfo(name, *tensors, files={}, min_batch=1, opt_batch=1, max_batch=sys.maxsize, precision=precision,
-                     entry={"compute_precision": {"eager": compute_precision(name, precision)}})
+                     entry={"compute_precision": {"eager": compute_precision(name, "eager", precision, device)}})
     return EagerEngine(None, info, device, module=module)
 
 
 def _candidates(infos: dict[str, StageInfo], device: torch.device, pinned: bool) -> list[str]:
-    """The backends of `AUTO_ORDER`, best first, whose artifacts exist for every stage and that can run on `device`;
-    for a folder that is not `pinned`, only those whose artifacts are data."""
+    """The backends `auto` may use on `device`, best first (`REGISTRY` order), whose artifacts exist and fit `device`
+    for every stage; for a folder that is not `pinned`, only those whose artifacts are data."""
     found = []
-    for backend in AUTO_ORDER:
+    for record in REGISTRY:
+        if device.type not in record.auto_on or not (pinned or record.data_only):
+            continue
         try:
-            cls = engine_class(backend)
+            cls = engine_class(record.name)
         except EngineUnavailable:
             continue
-        if not pinned and cls.artifact not in DATA_ARTIFACTS:
-            continue
-        if all(cls.artifact in i.files for i in infos.values()):
-            if cls.availability(device) is None and _traced_for(infos, backend, device):
-                found.append(backend)
+        if (all(record.artifact in i.files and cls.fits(i, device) is None for i in infos.values())
+                and cls.availability(device) is None):
+            found.append(record.name)
     return found
 
 
@@ -339,8 +337,3 @@ def _open_engines(folder: Path, infos: dict[str, StageInfo], backend: str, devic
         raise
     return engines
 
-
-def _traced_for(infos: dict[str, StageInfo], backend: str, device: torch.device) -> bool:
-    if backend != "torchscript":
-        return True
-    return all(torch.device(i.entry.get("torchscript", {}).get("device", "cpu")).type == device.type for i in infos.values())

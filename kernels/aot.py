@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ffclip.artifacts import PRECISIONS
+from ffclip.backends import PRECISIONS
 from ffclip.atomic import atomic_file
 from ffclip.errors import summarize
 

@@ -10,6 +10,7 @@ from cli_runner import run_bench as _bench_main
 from ffclip.benchmarks import report
 from ffclip.benchmarks.runner import Cell, Settings, WorkerFailed, plan, run_worker
 from ffclip.benchmarks.timing import MAX_WARMUP_CALLS, PeakMemory, percentile, summarize, time_calls
+from ffclip.engines import engine_class
 
 
 def test_percentiles_interpolate_linearly_between_order_statistics():
@@ -231,8 +232,8 @@ def test_tiny_run_writes_results_judges_edits_and_lists_unavailable_backends(tmp
     # skipped on the CPU whether or not the tensorrt package imports here
     tensorrt = rows["tensorrt", "fp32"]
     assert tensorrt["status"] == "skipped"
-    assert tensorrt["reason"] in ("TensorRT is not installed", "TensorRT needs a CUDA device")
-    assert rows["triton", "fp32"]["reason"] == "no CUDA device; the Triton interpreter is not a benchmark"
+    assert tensorrt["reason"] == engine_class("tensorrt").availability(torch.device("cpu"))
+    assert rows["triton", "fp32"]["reason"] == "the triton kernels run in an interpreter on cpu: correct, but not a benchmark"
     assert rows["eager", "fp16"]["status"] == "skipped" and "fp16 on the CPU" in rows["eager", "fp16"]["reason"]
 
     markdown = (out / "results.md").read_text()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from export_fixtures import TINY
 
-from ffclip.export import exporter as exporter_module
+from ffclip.export import onnx_export
 from ffclip.export.exporter import ExportFailed, ExportOptions, export_artifacts
 from ffclip.artifacts import MANIFEST
 from ffclip.errors import InputError
@@ -65,7 +65,7 @@ def test_failed_export_leaves_older_folder_and_no_temporary(tiny_export, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setitem(exporter_module._BUILDERS, "onnx", broken)
+    monkeypatch.setattr(onnx_export, "build", broken)
     with pytest.raises(ExportFailed, match="simulated failure"):
         export_artifacts(build_preset(TINY), folder, OPTIONS, preset="tiny", sources={})
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before

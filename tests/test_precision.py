@@ -9,7 +9,8 @@ from export_fixtures import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ffclip.export.exporter import ExportOptions, export_artifacts
-from ffclip.export.stages import compute_precision, format_precision
+from ffclip.artifacts import MANIFEST, sha256
+from ffclip.backends import PRECISIONS, by_artifact, compute_precision
 from ffclip.factory import build_preset
 from ffclip.pipeline import EditPipeline
 from ffclip.runtime import Runtime
@@ -34,16 +35,13 @@ class ProductDtypes(TorchDispatchMode):
         return out
 
 
-def test_policy_keeps_the_mapper_in_float32():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for precision in ("fp16", "bf16"):
-        assert compute_precision("mapper", precision) == "fp32"
-        assert compute_precision("generator", precision) == compute_precision("text_encoder", precision) == precision
-        assert format_precision("generator", precision, "eager", cpu) == precision
-        assert format_precision("generator", precision, "onnx", cuda) == "fp32"
-        assert format_precision("generator", precision, "torchscript", cpu) == "fp32"
-        assert format_precision("generator", precision, "torchscript", cuda) == precision
-        assert format_precision("mapper", precision, "tensorrt", cuda) == "fp32"
+def test_the_manifest_records_the_policys_answer_for_every_format(bf16_export):
+    _, manifest = bf16_export
+    for stage, entry in manifest["stages"].items():
+        for artifact, held in entry["compute_precision"].items():
+            record = by_artifact(artifact)
+            device = record.check_device(torch.device(manifest["export_device"]))
+            assert held == compute_precision(stage, record.name, "bf16", device), (stage, artifact)
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +81,19 @@ def test_eager_bf16_computes_in_bf16_and_keeps_the_images(bf16_export):
     assert torch.equal(edited, pipe.modulate(latents, embedding.expand(4, -1)))
     difference = (images - pipe.synthesize(latents).int()).abs().float()
     assert difference.mean() <= 2.0
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript"])
+def test_each_engine_computes_what_the_policy_says(bf16_export, backend):
+    """The products each stage really runs, on the engines that run torch operators here, are in the dtype the policy
+    gives that stage on that backend."""
+    folder, _ = bf16_export
+    with Runtime.load(folder, backend=backend, device="cpu", expected_sha256=sha256(folder / MANIFEST)) as rt:
+        latents = rt.sample_latents(2, seed=1)
+        calls = {"text_encoder": lambda: rt.encode_text(["a red circle", "a gray background"]),
+                 "mapper": lambda: rt.modulate(latents, torch.randn(2, rt.embed_dim)),
+                 "generator": lambda: rt.synthesize(latents)}
+        for stage, call in calls.items():
+            with ProductDtypes() as seen:
+                call()
+            assert seen.seen == {PRECISIONS[compute_precision(stage, backend, "bf16", "cpu")]}, (backend, stage)

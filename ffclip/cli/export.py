@@ -7,8 +7,11 @@ from pathlib import Path
 
 import click
 
-from ..artifacts import PRECISIONS
+from ..backends import FORMATS, PRECISIONS, REGISTRY, compute_precision
+from ..export.options import ExportOptions
 from .options import StageSources, stage_options
+
+_DEFAULTS = ExportOptions()
 
 
 @click.command()
@@ -19,14 +22,14 @@ from .options import StageSources, stage_options
               help="Artifact folder (default artifacts/export/<preset>); replaced atomically, and only when it is an "
                    "artifact folder (see --force).")
 @click.option("--force", is_flag=True, help="Replace --out even when it holds other files than an artifact folder's.")
-@click.option("--formats", default="onnx,torchscript,tensorrt,openvino", show_default=True,
+@click.option("--formats", default=",".join(FORMATS), show_default=True,
               help="Comma-separated formats; tensorrt and openvino are built from the ONNX file, which is built "
                    "with them. Those this machine cannot build are reported as skipped; a request of which none can "
                    "be built is refused.")
-@click.option("--min-batch", type=int, default=1, show_default=True)
-@click.option("--opt-batch", type=int, default=4, show_default=True)
-@click.option("--max-batch", type=int, default=16, show_default=True)
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("--min-batch", type=int, default=_DEFAULTS.min_batch, show_default=True)
+@click.option("--opt-batch", type=int, default=_DEFAULTS.opt_batch, show_default=True)
+@click.option("--max-batch", type=int, default=_DEFAULTS.max_batch, show_default=True)
+@click.option("--opset", type=int, default=_DEFAULTS.opset, show_default=True, help="ONNX opset.")
 @click.option("--device", default="auto", show_default=True, help="Export device: cpu, cuda, cuda:N or auto.")
 @click.option("--encoder", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="e4e checkpoint (e4e_ffhq_encode.pt) to add as a fourth stage, the photo encoder, so the folder "
@@ -41,7 +44,7 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
     from ..config import get_preset
     from ..factory import default_source
     from ..devices import resolve_device
-    from ..export.exporter import ExportFailed, ExportOptions, check_buildable, check_replaceable, export_artifacts
+    from ..export.exporter import ExportFailed, check_buildable, check_replaceable, export_artifacts
     from ..artifacts import check_encoder_fits, sha256
 
     console = Console(stderr=True)
@@ -65,11 +68,7 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
         for stage, path in files.items()
     }
     if precision != "fp32":
-        console.print(f"note: {precision} applies to the text encoder and generator (the mapper stays fp32) in the eager "
-                      "backend (autocast, on any device), the TensorRT engines, TorchScript traced on CUDA and (bf16) "
-                      "OpenVINO; ONNX files are fp32 graphs"
-                      + ("" if options.device.type == "cuda" else ", and on the CPU TorchScript is fp32 too")
-                      + "; manifest.json records each stage's compute precision per format")
+        console.print(f"note: {_precision_note(precision, options.device)}")
     photo_encoder = None
     if encoder is not None:
         from ..checkpoints import load_encoder
@@ -93,6 +92,16 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
     click.echo(f"wrote {out}")
     click.echo(f"manifest sha256 {report.manifest_sha256} (pin the folder with Runtime.load(..., "
                "expected_sha256=...))")
+
+
+def _precision_note(precision: str, device) -> str:
+    """Which backends compute the generator in `precision` for an export on `device`, from the policy."""
+    reduced, full = [], []
+    for record in REGISTRY:
+        held = compute_precision("generator", record.name, precision, record.check_device(device))
+        (reduced if held == precision else full).append(record.name)
+    return (f"{precision} applies to the text encoder and generator (the mapper stays fp32) in {', '.join(reduced)}; "
+            f"{', '.join(full)} compute in fp32 here; manifest.json records each stage's compute precision per format")
 
 
 def _summary(console, table_cls, outcomes) -> None:
