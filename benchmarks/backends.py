@@ -8,7 +8,6 @@ openvino run exported artifacts through `Runtime.load`.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,55 +15,48 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ffclip.artifacts import BACKENDS as SERVED_BACKENDS
-from ffclip.artifacts import PRECISIONS as PRECISION_DTYPES
 from ffclip.artifacts import STAGES as EXPORTED_STAGES
-from ffclip.artifacts import StageInfo, read_manifest
+from ffclip.backends import BACKENDS as RECORDS
+from ffclip.backends import PRECISIONS as PRECISION_DTYPES
+from ffclip.backends import REGISTRY, Backend, by_artifact, compute_precision, needed_artifacts
 from ffclip.engines import EngineUnavailable, engine_class
 
 if TYPE_CHECKING:  # the runtime imports torch's compiler, and with it Triton, which `--gpu-check --dry-run` must not
     from ffclip.runtime import Runtime
 
 STAGES = ("text", "mapper", "generator", "edit")
-# backends served from an artifact folder through `Runtime.load`
-RUNTIME_BACKENDS = tuple(b for b in SERVED_BACKENDS if b != "eager")
-BACKENDS = ("eager", "torchscript", "compile", *RUNTIME_BACKENDS[1:])
+# the eager modules through torch.compile: a backend of the benchmark only, over the eager backend's weights
+COMPILE = "compile"
+# backends served from an artifact folder through `Runtime.load`; the eager backend runs the modules in process
+RUNTIME_BACKENDS = tuple(b.name for b in REGISTRY if b.name != "eager")
+BACKENDS = ("eager", COMPILE, *RUNTIME_BACKENDS)
 PRECISIONS = tuple(PRECISION_DTYPES)
-# the export each runtime backend needs: one folder per group, so a format that fails leaves the others usable;
-# triton runs the eager weights that every export folder holds, so any group serves it
-EXPORT_GROUPS = {"torchscript": ("torchscript",), "onnxruntime": ("onnx",), "openvino": ("onnx", "openvino"),
-                 "tensorrt": ("onnx", "tensorrt")}
+# the formats of the export each runtime backend needs: one folder per group, so a format that fails leaves the
+# others usable; a backend that reads the eager weights (triton) is served by any folder, since every export has them
+EXPORT_GROUPS = {b.name: needed_artifacts(b.artifact) for b in REGISTRY if b.builder is not None}
 
 
 def skip_reason(backend: str, precision: str, device: torch.device) -> str | None:
     """Why `backend` at `precision` cannot be benchmarked on `device` here, or None when it can.
 
-    Only cheap checks that need no model: installed packages, the device type, a C++ compiler for torch.compile.
+    Only cheap checks that need no model: the backend's record and its engine's verdict on the device, the precision
+    policy, whether the exporter can build its files here, a C++ compiler for torch.compile.
     """
-    if backend == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
-        return "TensorRT is not installed"
-    if backend in ("tensorrt", "triton") and device.type != "cuda":
-        if backend == "triton":
-            return "no CUDA device; the Triton interpreter is not a benchmark"
-        return "TensorRT needs a CUDA device"
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        return "Triton is not installed"
+    if backend == COMPILE and device.type == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
+        return "torch.compile on the CPU needs a C++ compiler and none was found"
+    record = RECORDS["eager" if backend == COMPILE else backend]
+    if device.type in record.interpreted_on:
+        return f"the {backend} kernels run in an interpreter on {device.type}: correct, but not a benchmark"
+    reason = _engine_reason(record.name, device)
+    if reason is not None:
+        return reason
     if precision == "fp16" and device.type == "cpu":
         return "fp16 on the CPU is not meaningful: no fast half-precision kernels there"
-    if backend == "torchscript" and precision != "fp32" and device.type == "cpu":
-        return "TorchScript artifacts are traced in fp32 on the CPU; reduced precision runs in the eager backend"
-    if backend == "onnxruntime" and precision != "fp32":
-        return "the exported ONNX files are fp32 graphs; reduced precision is built by TensorRT"
-    if backend == "compile" and device.type == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
-        return "torch.compile on the CPU needs a C++ compiler and none was found"
-    if backend == "openvino":
-        from ffclip.export.openvino_export import openvino_skip_reason
-
-        reason = openvino_skip_reason(precision)  # the exporter builds no openvino files then
-        if reason is not None:
-            return reason
-    if backend in RUNTIME_BACKENDS:
-        return _engine_reason(backend, device)
+    if precision != "fp32" and compute_precision("generator", record.name, precision, device) == "fp32":
+        return (f"the {backend} backend computes in fp32 on {device.type} whatever the export's precision "
+                f"(ffclip.backends.compute_precision); reduced precision runs in the eager backend")
+    if record.builder is not None:
+        return _export_reason(record, precision, device)
     return None
 
 
@@ -72,11 +64,23 @@ def export_group(backends: tuple[str, ...] | list[str], backend: str) -> tuple[s
     """The formats of the export folder that serves `backend`, given every runtime backend being benchmarked."""
     if backend in EXPORT_GROUPS:
         return EXPORT_GROUPS[backend]
-    # triton shares a folder that is exported anyway, or else takes the quickest one
-    for other in ("torchscript", "onnxruntime", "tensorrt"):
-        if other in backends:
+    # a backend of the eager weights shares a folder that is exported anyway, or else takes a single-format one
+    for other in backends:
+        if other in EXPORT_GROUPS:
             return EXPORT_GROUPS[other]
-    return EXPORT_GROUPS["torchscript"]
+    return next(group for group in EXPORT_GROUPS.values() if len(group) == 1)
+
+
+def _export_reason(record: Backend, precision: str, device: torch.device) -> str | None:
+    """Why the exporter builds no files of `record`'s artifact (or of one it is built from) at `precision` here."""
+    from ffclip.export.exporter import ExportOptions
+
+    options = ExportOptions(precision=precision, formats=(record.artifact,), device=device)
+    for artifact in needed_artifacts(record.artifact):
+        reason = by_artifact(artifact).build_module().skip_reason(options)
+        if reason is not None:
+            return reason
+    return None
 
 
 def _engine_reason(backend: str, device: torch.device) -> str | None:
@@ -112,25 +116,14 @@ def stage_flops(stages: Runtime, inputs: dict[str, Any], names: list[str] | tupl
     return flops
 
 
-def build_modules(preset: str, device: torch.device, artifacts: Path | None = None) -> tuple[Any, Any, Any]:
-    """(text encoder, mapper, generator) on `device`: the eager weights of an artifact folder when one is given (so
-    every backend runs the same weights), else `preset`'s default weights: the trained ones it ships (the world's), or
-    seeded random ones."""
-    if artifacts is not None:
-        from ffclip.checkpoints.bundle import load_module
+def build_modules(preset: str, device: torch.device, artifacts: Path | None = None,
+                  expected_sha256: str | None = None) -> tuple[Any, Any, Any]:
+    """(text encoder, mapper, generator) on `device`: the eager weights of an artifact folder (pinned by
+    `expected_sha256`) when one is given, so every backend runs the same weights, else `preset`'s default weights:
+    the trained ones it ships (the world's), or seeded random ones."""
+    from ffclip.stages import StageSources, load_modules
 
-        manifest = read_manifest(artifacts, verify=False)
-        loaded = []
-        for name in EXPORTED_STAGES:
-            with StageInfo.from_manifest(manifest, name).checked_file(artifacts, "eager") as path:
-                loaded.append(load_module(path))
-        modules = tuple(loaded)
-    else:
-        from ffclip.checkpoints import load_generator, load_mapper, load_text_encoder
-
-        modules = (load_text_encoder(preset=preset), load_mapper(preset=preset), load_generator(preset=preset))
-    text_encoder, mapper, generator = modules
-    return text_encoder.to(device), mapper.to(device), generator.to(device)
+    return load_modules(StageSources(preset=preset), device, artifacts, expected_sha256)
 
 
 def module_stages(modules: tuple[Any, Any, Any], device: torch.device, precision: str, compiled: bool) -> Runtime:
@@ -151,14 +144,15 @@ def open_stages(
 ) -> Iterator[Runtime]:
     """The `Runtime` of `backend`, closed on exit, on `artifacts` pinned by `expected_sha256` when given. eager and
     compile use the folder's weights when one is given."""
-    from ffclip.runtime import Runtime
+    from ffclip.stages import StageSources
+    from ffclip.stages import open_stages as open_runtime
 
     if backend in RUNTIME_BACKENDS:
         if artifacts is None:
             raise RuntimeError(f"the {backend} backend needs an artifact folder")
-        stages = Runtime.load(artifacts, backend=backend, device=device, cache_size=0, expected_sha256=expected_sha256)
+        stages = open_runtime(StageSources(preset=preset), device, artifacts, backend, expected_sha256, cache_size=0)
     else:
-        modules = build_modules(preset, device, artifacts)
+        modules = build_modules(preset, device, artifacts, expected_sha256)
         stages = module_stages(modules, device, precision, compiled=backend == "compile")
     try:
         yield stages

@@ -17,8 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ffclip.config import DEFAULT_PRESET, PRESETS
 from ffclip.devices import resolve_device
-from ffclip.cli.options import expect_sha256_option, folder_preset, preset_given
+from ffclip.cli.options import expect_sha256_option, preset_given
 from ffclip.errors import FfclipError, InputError
+from ffclip.stages import folder_preset
 
 from ffclip.benchmarks.backends import BACKENDS, PRECISIONS, STAGES
 from ffclip.benchmarks.report import (
@@ -157,12 +158,12 @@ def _gpu_check(out: Path | None, dry_run: bool) -> None:
 
 
 def _serve_load(preset: str, artifacts: Path | None, expected_sha256: str | None, out: Path | None) -> None:
-    from ffclip.cli.options import StageSources
+    from ffclip.stages import StageSources
 
     from ffclip.benchmarks.serve_load import Plan, markdown, run_load
 
     out = out or Path("artifacts") / "bench" / f"serve-{preset}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    results = run_load(StageSources(None, None, None, None, preset), artifacts, "auto", Plan(), out,
+    results = run_load(StageSources(preset=preset), artifacts, "auto", Plan(), out,
                        lambda message: click.echo(message, err=True), expected_sha256)
     click.echo(markdown(results))
     click.echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")

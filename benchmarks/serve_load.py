@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from ffclip.atomic import atomic_file
-from ffclip.cli.options import StageSources
 from ffclip.errors import FfclipError, InputError, summarize
+from ffclip.stages import StageSources
 
 from ffclip.benchmarks.machine import machine_info
 from ffclip.benchmarks.timing import percentile

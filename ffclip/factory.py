@@ -1,4 +1,5 @@
-"""Build the stages from configuration objects, with seeded random weights (the embedded default until trained)."""
+"""Build the stages from configuration objects with seeded random weights: the default of a preset that ships no
+trained weights, and where training starts."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ from .models import Generator, Mapper, TextEncoder
 from .models.text_encoder import build_clip
 
 
-
-# Random toRGB weights at unit scale put most pixels far outside [-1, 1]; this keeps a fresh generator's pictures
-# mostly in range (about 17% clipped at the demo preset instead of 60%).
+# Random toRGB weights at unit scale put about half of a fresh generator's pixels outside [-1, 1] (at the random
+# preset); at this scale about 12% are.
 _FRESH_TORGB_SCALE = 0.3
 
 

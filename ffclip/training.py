@@ -472,6 +472,7 @@ def _jsonable(data: dict) -> dict:
 
 
 if __name__ == "__main__":
-    from .cli import train_main
+    # `torchrun -m` runs a module: this one hands over to the installed ffclip-train command
+    from importlib.metadata import entry_points
 
-    train_main()
+    entry_points(group="console_scripts", name="ffclip-train")["ffclip-train"].load()()

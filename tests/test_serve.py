@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ffclip.cli.options import StageSources
+from ffclip.stages import StageSources
 from ffclip.config import DEFAULT_PRESET, get_preset
 from ffclip.pipeline import EditPipeline
 from ffclip.serve.editor import ServeConfig
@@ -454,7 +454,11 @@ def test_cli_refuses_a_preset_the_folder_was_not_exported_from(monkeypatch, caps
     from micro_preset import export_micro
 
     folder = export_micro(tmp_path / "micro")
-    line = serve_cli(monkeypatch, capsys, "--artifacts", str(folder), "--preset", "world")
+    with socket.socket() as s:  # a busy port: without the check, the command stops there instead of serving
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        line = serve_cli(monkeypatch, capsys, "--artifacts", str(folder), "--preset", "world", "--port",
+                         str(s.getsockname()[1]))
     assert line.startswith(f"ffclip: error: --preset world contradicts --artifacts {folder}"), line
 
 

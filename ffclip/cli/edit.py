@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 
 from ..errors import InputError
 from ..outputs import check_output_file
-from .options import StageSources, align_option, artifact_options, folder_preset, open_aligner, stage_options
+from ..stages import StageSources
+from .options import align_option, artifact_options, open_aligner, stage_options
 
 
 def _say(message: str) -> None:
@@ -79,8 +79,10 @@ def edit(
 ) -> None:
     """Edit images from text prompts and write originals and edits as one PNG grid."""
     from ..devices import resolve_device
+    from ..editing import edit_columns
     from ..imaging import save_grid
     from ..latents import load_latents, save_latents
+    from ..stages import open_stages
     from ..strength import check_strength
 
     if out.suffix.lower() != ".png":
@@ -107,7 +109,7 @@ def edit(
         from ..checkpoints import load_encoder
 
         photo_encoder = load_encoder(encoder, device=dev)
-    stages = _open_stages(sources, dev, artifacts, backend, expect_sha256)
+    stages = open_stages(sources, dev, artifacts, backend, expect_sha256, note=_say)
     _say_unseen_words(prompts, sources, artifacts)
     if encoder is not None:
         stages.use_encoder(photo_encoder, where=f"--encoder {encoder}")
@@ -120,18 +122,13 @@ def edit(
     else:
         w = stages.sample_latents(num, seed, truncation)
 
-    _say(f"rendering {w.shape[0]} original(s) at {stages.resolution} px")
-    columns = [stages.synthesize(w)]
-    edited = []
-    for i, prompt in enumerate(prompts):
-        _say(f"editing [{i + 1}/{len(prompts)}] {prompt!r}")
-        images_edited, w_edit = stages.edit_with_latents(w, prompt, strength)
-        edited.append(w_edit)
-        columns.append(images_edited)
-
+    columns, edited = edit_columns(stages, w, prompts, strength, on_progress=_say)
     titles = ["original", *prompts] if photos is None else ["photo", "inversion", *prompts]
-    save_grid(out, columns if photos is None else [photos, *columns], titles)
-    latents_path = save_latents(out.with_name(f"{out.stem}_latents.npy"), torch.stack(edited))
+    if photos is None:
+        save_grid(out, columns, titles)
+    else:
+        save_grid(out, [photos, *columns], titles, row_labels=[image.name for image in images])
+    latents_path = save_latents(out.with_name(f"{out.stem}_latents.npy"), edited)
     click.echo(f"wrote {out} ({len(titles)} columns x {w.shape[0]} rows)")
     shape = ", ".join(str(n) for n in (len(prompts), *w.shape))
     click.echo(f"wrote {latents_path} (edited latents [{shape}]: prompts, batch, layers, width)")
@@ -140,11 +137,10 @@ def edit(
 def _say_unseen_words(prompts: tuple[str, ...], sources: StageSources, artifacts: Path | None) -> None:
     """Name, once per prompt, the words the world's text encoder never saw in training (they carry no meaning for
     it); other text encoders have no such list."""
-    from ..world.vocabulary import folder_has_world_text_encoder, is_world_text_encoder, unseen_words
+    from ..stages import serves_world_text_encoder
+    from ..world.vocabulary import unseen_words
 
-    world = (is_world_text_encoder(sources.preset, sources.clip) if artifacts is None
-             else folder_has_world_text_encoder(artifacts))
-    if not world:
+    if not serves_world_text_encoder(sources, artifacts):
         return
     for prompt in dict.fromkeys(prompts):
         unseen = unseen_words(prompt)
@@ -152,29 +148,3 @@ def _say_unseen_words(prompts: tuple[str, ...], sources: StageSources, artifacts
             _say(f"note: {prompt!r}: the world's text encoder never saw {', '.join(map(repr, unseen))} in training, "
                  "so the edit may not follow the prompt; use the world's words (its colours, shapes, sizes and "
                  "backgrounds)")
-
-
-def _open_stages(sources: StageSources, device: torch.device, artifacts: Path | None, backend: str,
-                 expect_sha256: str | None = None):
-    """The stages to run: an `EditPipeline` on checkpoints, or a `Runtime` on exported artifacts (pinned by
-    `expect_sha256`, the sha256 of its manifest, when given)."""
-    from ..pipeline import EditPipeline
-
-    if artifacts is None:
-        pipeline = EditPipeline(*sources.load(device), device=device)
-        if sources.is_seeded_random:
-            _say(
-                f"note: using the '{sources.preset}' preset; its weights are seeded random, not trained, "
-                "so the pictures are not faces and the edits are not meaningful. Pass --generator/--mapper/--clip "
-                "for real weights."
-            )
-        return pipeline
-    from ..runtime import Runtime
-
-    if not sources.is_embedded_default:
-        raise InputError("--generator/--mapper/--clip do not apply with --artifacts: the folder holds its own weights; "
-                         "re-export it with ffclip-export to serve other checkpoints")
-    folder_preset(artifacts, sources.preset, sources.preset_given)
-    runtime = Runtime.load(artifacts, backend=backend, device=device, expected_sha256=expect_sha256)
-    _say(f"serving from {artifacts} with the {runtime.backend} backend")
-    return runtime

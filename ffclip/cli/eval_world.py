@@ -6,26 +6,12 @@ from pathlib import Path
 
 import click
 
-from .options import StageSources, artifact_options, stage_options
+from ..stages import StageSources
+from .options import artifact_options, stage_options
 
 
-def report(preset: str = "world", num: int = 128, seed: int = 0, truncation: float = 1.0, stages=None) -> None:
-    """Print valid originals, edit accuracy and preservation per attribute for seen and held-out phrasings."""
-    from ..checkpoints import load_generator, load_mapper, load_text_encoder
-    from ..errors import InputError
-    from ..pipeline import EditPipeline
-    from ..world.evaluate import evaluate
-    from ..world.scenes import resolution
-
-    if stages is None:
-        stages = EditPipeline(load_text_encoder(preset=preset), load_mapper(preset=preset),
-                              load_generator(preset=preset))
-    if stages.resolution != resolution():
-        raise InputError(f"the generator draws {stages.resolution}-pixel pictures, not the shapes world's "
-                         f"{resolution()}; use the world preset or weights trained by `make world`")
-    click.echo(f"judging {num} originals (seed {seed}, truncation {truncation}) and 8 edits of each", err=True)
-    scores = evaluate(stages, num=num, seed=seed, truncation=truncation, on_progress=lambda m: click.echo(m, err=True))
-    click.echo(scores.table())
+def _say(message: str) -> None:
+    click.echo(message, err=True)
 
 
 @click.command("eval-world")
@@ -38,8 +24,8 @@ def report(preset: str = "world", num: int = 128, seed: int = 0, truncation: flo
 def eval_world(sources: StageSources, num: int, seed: int, truncation: float, device: str, artifacts: Path | None,
                expect_sha256: str | None, backend: str) -> None:
     """Judge the shapes world: valid originals, and edits on seen and held-out phrasings."""
-    from ..devices import resolve_device
-    from .edit import _open_stages
+    from ..stages import open_stages
+    from ..world.evaluate import report
 
-    stages = _open_stages(sources, resolve_device(device), artifacts, backend, expect_sha256)
-    report(sources.preset, num=num, seed=seed, truncation=truncation, stages=stages)
+    stages = open_stages(sources, device, artifacts, backend, expect_sha256, note=_say)
+    click.echo(report(stages, num=num, seed=seed, truncation=truncation, on_progress=_say))

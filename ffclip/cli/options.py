@@ -1,48 +1,18 @@
-"""Options shared by the commands that load the three stages (edit, export, train, serve), the check of --preset
-against the preset an artifact folder was exported from, and the --align option of the commands that read photos."""
+"""Options shared by the commands that load the three stages (edit, export, train, serve, eval-world), which give
+them as one `ffclip.stages.StageSources`, and the --align option of the commands that read photos."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from ..artifacts import BACKENDS
-from ..config import DEFAULT_PRESET, PRESETS, get_preset
+from ..backends import BACKENDS
+from ..config import DEFAULT_PRESET, PRESETS
 from ..errors import InputError
-
-
-@dataclass(frozen=True)
-class StageSources:
-    """Where each stage's weights come from; None means the preset's embedded seeded-random default."""
-
-    generator: Path | None
-    mapper: Path | None
-    clip: Path | None
-    clip_model: str | None
-    preset: str
-    preset_given: bool = False  # --preset was on the command line (not its default)
-
-    @property
-    def is_seeded_random(self) -> bool:
-        """No file given and the preset ships no trained weights: every stage is seeded random."""
-        return self.is_embedded_default and not get_preset(self.preset).weights
-
-    @property
-    def is_embedded_default(self) -> bool:
-        return self.generator is None and self.mapper is None and self.clip is None
-
-    def load(self, device: str = "cpu"):
-        """Load (text encoder, mapper, generator)."""
-        from ..checkpoints import load_generator, load_mapper, load_text_encoder
-
-        text = load_text_encoder(self.clip, self.clip_model, preset=self.preset, device=device)
-        mapper = load_mapper(self.mapper, preset=self.preset, device=device)
-        generator = load_generator(self.generator, preset=self.preset, device=device)
-        return text, mapper, generator
+from ..stages import StageSources
 
 
 def _file(help_text: str) -> Callable:
@@ -145,15 +115,3 @@ def preset_given() -> bool:
     """Whether the running command's --preset was given rather than left at its default."""
     source = click.get_current_context().get_parameter_source("preset")
     return source not in (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
-
-
-def folder_preset(folder: Path, preset: str, given: bool, expected_sha256: str | None = None) -> str:
-    """The preset an artifact folder was exported from; a --preset `given` that says otherwise is refused, and so is
-    a folder whose manifest is not the one `expected_sha256` pins."""
-    from ..artifacts import read_manifest
-
-    exported = read_manifest(folder, verify=False, expected_sha256=expected_sha256).get("preset")
-    if given and exported != preset:
-        raise InputError(f"--preset {preset} contradicts --artifacts {folder}, which was exported from preset "
-                         f"{exported}; leave --preset out (the folder decides) or export that preset")
-    return str(exported)

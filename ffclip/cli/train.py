@@ -12,7 +12,8 @@ import torch
 
 from ..errors import InputError
 from ..training import EMBEDDING_RESIZES, PROMPT_SETS, TRAIN_DTYPES, TrainConfig, prompt_set
-from .options import StageSources, stage_options
+from ..stages import StageSources
+from .options import stage_options
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _WEIGHT = click.FloatRange(0)
@@ -121,7 +122,7 @@ def train(
       embedding loss feeds the raw generator output);
     - validation is off unless --val-every is given.
     """
-    from ..checkpoints import load_face_parser, load_generator, load_identity_net, load_mapper, load_text_encoder
+    from ..checkpoints import load_face_parser, load_identity_net
     from ..config import MapperConfig
     from ..devices import resolve_device
     from ..factory import build_mapper
@@ -146,10 +147,10 @@ def train(
         raise InputError("--val-every needs held-out latents; give --val-latents, or --latents to hold some out")
 
     dev = start_distributed(resolve_device(device))
-    generator = load_generator(sources.generator, preset=sources.preset, device=dev)
-    text_encoder = load_text_encoder(sources.clip, sources.clip_model, preset=sources.preset, vision=True, device=dev)
+    generator = sources.load_generator(dev)
+    text_encoder = sources.load_text_encoder(dev, vision=True)
     if init_mapper:
-        mapper = load_mapper(sources.mapper, preset=sources.preset, device=dev)
+        mapper = sources.load_mapper(dev)
     else:
         mapper = build_mapper(MapperConfig(num_ws=generator.num_ws, dim=text_encoder.embed_dim), seed=seed)
     num_ws, dim = generator.num_ws, generator.config.style_dim

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import click
 
-from ..cli.options import StageSources, artifact_options, stage_options
+from ..cli.options import artifact_options, stage_options
 from ..errors import FfclipError, InputError, summarize
+from ..stages import StageSources, check_sources
 from .editor import ServeConfig
 
 APP_NAME = "ffclip"
@@ -51,8 +52,7 @@ def serve(sources: StageSources, artifacts: Path | None, expect_sha256: str | No
           host: str, port: int, replicas: int, max_batch: int, queue: int, num_cpus: float, threads: int | None,
           timeout: float, health_timeout: float, body_timeout: float, max_uploads: int, address: str | None) -> None:
     """Serve edits over HTTP on Ray Serve, with a web editor at /."""
-    if artifacts is not None and not sources.is_embedded_default:
-        raise InputError("--generator/--mapper/--clip do not apply with --artifacts: the folder holds its own weights")
+    check_sources(sources, artifacts, expect_sha256)
     if artifacts is not None:
         from ..artifacts import read_manifest
 

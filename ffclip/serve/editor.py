@@ -12,17 +12,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..cli.options import StageSources
-from ..devices import resolve_device
+from ..stages import StageSources, open_stages, serves_world_text_encoder
 from .requests import EditRequest
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """What one service serves and how: an artifact folder, or else `sources` (checkpoints or the embedded default),
-    and the limits of each replica."""
+    """What one service serves and how: an artifact folder, or else `sources` (checkpoints, or the preset's default
+    weights), and the limits of each replica."""
 
-    sources: StageSources | None = None
+    sources: StageSources = StageSources()
     artifacts: Path | None = None
     expected_sha256: str | None = None  # the pin of `artifacts` (`Runtime.load`)
     backend: str = "auto"
@@ -48,11 +47,7 @@ class ServeConfig:
     @property
     def world_text_encoder(self) -> bool:
         """Whether the text encoder served is the world's, trained on a known vocabulary."""
-        from ..world.vocabulary import folder_has_world_text_encoder, is_world_text_encoder
-
-        if self.artifacts is not None:
-            return folder_has_world_text_encoder(self.artifacts)
-        return is_world_text_encoder(self.sources.preset, self.sources.clip)
+        return serves_world_text_encoder(self.sources, self.artifacts)
 
 
 class Editor:
@@ -61,19 +56,10 @@ class Editor:
     def __init__(self, config: ServeConfig):
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        device = resolve_device(config.device)
-        if config.artifacts is None:
-            from ..pipeline import EditPipeline
-
-            self.stages = EditPipeline(*config.sources.load(device), device=device, cache_size=config.cache_size)
-            self.source = f"checkpoints ({config.sources.preset} preset for any stage not given)"
-        else:
-            from ..runtime import Runtime
-
-            self.stages = Runtime.load(config.artifacts, backend=config.backend, device=device,
-                                       expected_sha256=config.expected_sha256,
-                                       cache_size=config.cache_size)
-            self.source = str(config.artifacts)
+        self.stages = open_stages(config.sources, config.device, config.artifacts, config.backend,
+                                  config.expected_sha256, cache_size=config.cache_size)
+        self.source = (str(config.artifacts) if config.artifacts is not None
+                       else f"checkpoints ({config.sources.preset} preset for any stage not given)")
         self.backend = self.stages.backend
 
     def info(self) -> dict:

@@ -185,9 +185,11 @@ def main(out: Path, threads: int, do_install: bool, stage: str | None) -> None:
     if do_install:
         for path in install(out):
             log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
-        from ..cli.eval_world import report
+        from ..stages import StageSources, open_stages
+        from .evaluate import report
 
-        report(get_preset("world").name, num=128, seed=0, truncation=1.0)
+        stages = open_stages(StageSources(preset=get_preset("world").name))
+        click.echo(report(stages, num=128, seed=0, truncation=1.0, on_progress=log))
 
 
 if __name__ == "__main__":

@@ -13,13 +13,17 @@ from typing import Protocol
 
 import torch
 
+from ..errors import InputError
 from .captions import SPLITS, edit_prompt
 from .judge import judge
-from .scenes import ATTRIBUTES, values
+from .scenes import ATTRIBUTES, resolution, values
 
 
 class Editor(Protocol):
     """What the judge needs of an editor: `EditPipeline` and `Runtime` both are one."""
+
+    @property
+    def resolution(self) -> int: ...
 
     def sample_latents(self, num: int, seed: int = 0, truncation: float = 1.0) -> torch.Tensor: ...
 
@@ -92,6 +96,19 @@ def evaluate(editor: Editor, num: int = 128, seed: int = 0, truncation: float = 
                 on_progress(f"{split} {attribute}: {100 * reached / len(keep):.1f}% reached the value asked, "
                             f"{100 * kept / len(keep):.1f}% kept the other attributes")
     return scores
+
+
+def report(editor: Editor, num: int = 128, seed: int = 0, truncation: float = 1.0,
+           on_progress: Callable[[str], None] | None = None) -> str:
+    """The table of valid originals, edit accuracy and preservation per attribute for seen and held-out phrasings
+    (`evaluate`), after refusing an editor that does not draw the world's pictures; `on_progress` hears each step."""
+    if editor.resolution != resolution():
+        raise InputError(f"the generator draws {editor.resolution}-pixel pictures, not the shapes world's "
+                         f"{resolution()}; use the world preset or weights trained by `make world`")
+    if on_progress is not None:
+        on_progress(f"judging {num} originals (seed {seed}, truncation {truncation}) and "
+                    f"{len(SPLITS) * len(ATTRIBUTES)} edits of each")
+    return evaluate(editor, num=num, seed=seed, truncation=truncation, on_progress=on_progress).table()
 
 
 def edit_accuracy(editor: Editor, num: int = 128, seed: int = 0, split: str = "held-out") -> float:
