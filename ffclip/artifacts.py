@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ffclip.atomic import atomic_file, recover_dir
-from ffclip.backends import PRECISIONS
+from ffclip.backends import EXPORT_PRECISIONS
 from ffclip.errors import FfclipError, InputError, summarize
 
 if TYPE_CHECKING:
@@ -354,12 +354,12 @@ def _check_form(folder: Path, manifest: dict[str, Any]) -> None:
 
 def _check_sections(stage: str, entry: dict[str, Any], need: Callable[[bool, str], None]) -> None:
     """Refuse the per-format sections of a stage entry that engines read when they are not objects, a compute
-    precision that is not one of `PRECISIONS`, or a TorchScript device that torch does not parse."""
+    precision that is not one of `EXPORT_PRECISIONS`, or a TorchScript device that torch does not parse."""
     for key in ("compute_precision", *entry["files"]):
         need(isinstance(entry.get(key, {}), dict), f"stage {stage!r}: {key!r} must be an object")
     for fmt, precision in entry.get("compute_precision", {}).items():
-        need(isinstance(precision, str) and precision in PRECISIONS,
-             f"stage {stage!r} computes {fmt} in {precision!r}, which is none of {', '.join(PRECISIONS)}")
+        need(isinstance(precision, str) and precision in EXPORT_PRECISIONS,
+             f"stage {stage!r} computes {fmt} in {precision!r}, which is none of {', '.join(EXPORT_PRECISIONS)}")
     if "torchscript" in entry["files"]:
         device = entry.get("torchscript", {}).get("device", "cpu")
         need(isinstance(device, str) and _parses_as_device(device),
@@ -374,12 +374,13 @@ def _parses_as_device(name: str) -> bool:
     return True
 
 
-def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
-    """Refuse a folder where a listed file is missing, lies outside the folder or changed since export."""
+def verify_files(folder: Path, manifest: dict[str, Any], checked_when_read: Collection[str] = ()) -> None:
+    """Refuse a folder where a listed file is missing, lies outside the folder or changed since export. Files in
+    `checked_when_read` (those an engine is about to read, and check, from their bytes) are not hashed here."""
     for name, digest in manifest["files"].items():
         path = folder / name
         real = resolve_inside(folder, name)
         if not real.is_file():
             raise ArtifactError(f"{path}: missing from the artifact folder; {_reexport(folder)}")
-        if sha256(real) != digest:
+        if name not in checked_when_read and sha256(real) != digest:
             raise ArtifactError(f"{path}: changed since export (sha256 differs from {MANIFEST}); {_reexport(folder)}")

@@ -38,9 +38,10 @@ from .artifacts import (
     check_encoder_fits,
     read_manifest,
     stage_tensors,
+    verify_files,
 )
-from .backends import BACKENDS, REGISTRY, compute_precision
-from .checkpoints.bundle import load_module
+from .backends import BACKENDS, EAGER_ARTIFACT, REGISTRY, compute_precision
+from .checkpoints.bundle import load_latent_mapping
 from .devices import resolve_device
 from .engines import EngineUnavailable, StageEngine, engine_class
 from .engines.eager import EagerEngine
@@ -53,7 +54,7 @@ from .photos import photo_batch
 from .strength import apply_strength, check_strength
 
 # One engine call gets at most as many rows as fit this budget, counting a row's working memory as
-# WORKING_MEMORY_FACTOR times its input and output bytes (measured on the demo preset on the CPU: about 117 times for
+# WORKING_MEMORY_FACTOR times its input and output bytes (measured on the 256-px random preset, then named demo, on the CPU: about 117 times for
 # the mapper, 48 for the generator, less for the text encoder).
 DEFAULT_MEMORY_BUDGET_MIB = 4096
 WORKING_MEMORY_FACTOR = 128
@@ -96,13 +97,18 @@ class Runtime:
         `memory_budget_mib` (None: no budget; see `DEFAULT_MEMORY_BUDGET_MIB`)."""
         folder = Path(folder)
         dev = resolve_device(device)
-        manifest = read_manifest(folder, expected_sha256=expected_sha256)
+        manifest = read_manifest(folder, verify=False, expected_sha256=expected_sha256)
         infos = {name: StageInfo.from_manifest(manifest, name) for name in (*STAGES, *OPTIONAL_STAGES)
                  if name in manifest["stages"]}
+        candidates = [backend] if backend != "auto" else _candidates(infos, dev, pinned=expected_sha256 is not None)
+        # every listed file is checked, once: those the first backend's engines read when they read them
+        first = BACKENDS.get(candidates[0]) if candidates else None
+        verify_files(folder, manifest, {i.files[first.artifact] for i in infos.values()
+                                        if first is not None and first.artifact in i.files})
 
         def mapping() -> nn.Module:
-            with infos["generator"].checked_file(folder, "eager") as path:
-                return load_module(path)
+            with infos["generator"].checked_file(folder, EAGER_ARTIFACT) as path:
+                return load_latent_mapping(path)
 
         options = (manifest["model"], mapping)
         no_encoder = (f"{folder}: no encoder stage, so photos cannot be inverted; re-export the folder with "
@@ -116,7 +122,7 @@ class Runtime:
                               "ffclip-export printed", stacklevel=2)
             return cls(_open_engines(folder, infos, backend, dev), *options, backend, dev, *limits)
         reasons = []
-        for candidate in _candidates(infos, dev, pinned=expected_sha256 is not None):
+        for candidate in candidates:
             try:
                 engines = _open_engines(folder, infos, candidate, dev)
             except (EngineUnavailable, ArtifactError) as exc:  # e.g. an engine built for another GPU: fall back
@@ -180,15 +186,19 @@ class Runtime:
         """Edited latents `[B, L, D]` from `latents [B, L, D]` (or `[B, D]`) and `embeddings [B, D]` (or `[D]` /
         `[1, D]` for one embedding shared by all)."""
         w = check_latents(latents, self.num_ws, self.embed_dim).to(self._device)
-        e = check_embeddings(embeddings, w.shape[0], self.embed_dim)
+        return self._modulate(w, check_embeddings(embeddings, w.shape[0], self.embed_dim))
+
+    def _modulate(self, w: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self._run("mapper", {"w": w, "embedding": e})["w_edit"]
 
     def synthesize(self, latents: torch.Tensor, *, as_float: bool = False) -> torch.Tensor:
         """Images uint8 `[B, R, R, 3]` (CPU) from latents `[B, L, D]` (or `[B, D]`); with `as_float`, the generator's
         float32 `[B, 3, R, R]`, roughly in [-1, 1], on the device."""
-        w = check_latents(latents, self.num_ws, self.embed_dim).to(self._device)
-        images = self._run("generator", {"w": w})["image"]
+        images = self._synthesize(check_latents(latents, self.num_ws, self.embed_dim).to(self._device))
         return images if as_float else to_uint8(images)
+
+    def _synthesize(self, w: torch.Tensor) -> torch.Tensor:
+        return self._run("generator", {"w": w})["image"]
 
     @property
     def has_encoder(self) -> bool:
@@ -252,9 +262,12 @@ class Runtime:
         """(edited latents, images) one chunk of rows at a time."""
         step = min(self.chunk_rows("mapper"), self.chunk_rows("generator"))
         for i in range(0, w.shape[0], step):
-            wi, ei = w[i : i + step], e if e.shape[0] == 1 else e[i : i + step]
-            w_edit = apply_strength(wi, self.modulate(wi, ei), 1.0 if s is None else s[i : i + step])
-            yield w_edit, self.synthesize(w_edit, as_float=True)
+            wi = w[i : i + step]
+            ei = e.expand(wi.shape[0], -1) if e.shape[0] == 1 else e[i : i + step]
+            w_edit = self._modulate(wi, ei)
+            if s is not None:
+                w_edit = apply_strength(wi, w_edit, s[i : i + step])
+            yield w_edit, self._synthesize(w_edit)
 
     def chunk_rows(self, stage: str) -> int:
         """The most rows one call of `stage`'s engine gets: the engine's own limit, `max_batch`, and the rows whose

@@ -32,11 +32,10 @@ def check_strength(strength: float | Sequence[float] | torch.Tensor, batch: int)
     return None if bool((s == 1).all()) else s
 
 
-def apply_strength(w: torch.Tensor, w_edit: torch.Tensor,
-                   strength: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """`w + s * (w_edit - w)` for latents `[B, L, D]`; strength 1 returns `w_edit` itself, bit for bit."""
-    s = check_strength(strength, w.shape[0])
-    if s is None:
+def apply_strength(w: torch.Tensor, w_edit: torch.Tensor, strength: torch.Tensor | None) -> torch.Tensor:
+    """`w + s * (w_edit - w)` for latents `[B, L, D]` and strengths `[B]` as `check_strength` gives them; None (every
+    strength 1) returns `w_edit` itself, bit for bit."""
+    if strength is None:
         return w_edit
     w = w.to(w_edit.device, w_edit.dtype)
-    return w + s.to(w_edit.device, w_edit.dtype).view(-1, 1, 1) * (w_edit - w)
+    return w + strength.to(w_edit.device, w_edit.dtype).view(-1, 1, 1) * (w_edit - w)

@@ -97,7 +97,7 @@ def test_cpp_runtime_matches_python(tmp_path: Path) -> None:
     np.save(tokens, tokenize(SimpleTokenizer(context_length=77), PROMPTS).numpy())
 
     # The same TorchScript graphs on the same LibTorch: measured identical (0 levels) for the whole edit and for
-    # synthesis alone, on this tiny preset and on the 256-pixel demo preset; 1 level is allowed.
+    # synthesis alone, on this tiny preset and on the 256-pixel random preset; 1 level is allowed.
     edit = tmp_path / "edit.ppm"
     _run([str(program), str(artifacts), str(latents), str(tokens), str(edit)], "ffclip_edit", 300)
     assert _max_diff(_read_ppm(edit), expected_edit) <= 1

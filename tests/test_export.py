@@ -1,4 +1,4 @@
-"""Export of the tiny configuration (and the demo preset, slow): files, manifest, parity, atomic replacement."""
+"""Export of the tiny configuration (and the 256-px random preset, slow): files, manifest, parity, atomic replacement."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,6 +15,7 @@ from ffclip.errors import InputError
 from ffclip.export.parity import errors
 from ffclip.export.stages import MAPPER_TOLERANCE
 from ffclip.imaging import to_uint8
+from ffclip.latents import sample_latents
 from ffclip.export.exporter import ExportOptions, export_artifacts
 from ffclip.artifacts import ArtifactError
 from ffclip.factory import build_preset
@@ -363,3 +365,41 @@ def test_a_folder_says_whether_its_text_encoder_is_the_worlds(folder, tmp_path):
     assert folder_has_world_text_encoder(copy)
     _rewrite_manifest(copy, lambda m: m.update(sources={"text_encoder": {"path": "ViT-B-32.pt", "sha256": "0" * 64}}))
     assert not folder_has_world_text_encoder(copy)
+
+
+def test_one_edit_checks_its_inputs_once_and_hashes_each_file_once(folder, monkeypatch):
+    import hashlib
+
+    import ffclip.runtime as runtime_module
+    from ffclip.models.generator import LatentMapping
+
+    hashed: list[int] = []
+    real_sha256 = hashlib.sha256
+
+    def counting_sha256(*args):
+        digest = real_sha256(*args)
+        hashed.append(id(digest))
+        return digest
+
+    monkeypatch.setattr(hashlib, "sha256", counting_sha256)
+    with Runtime.load(folder, "onnxruntime", "cpu") as rt:
+        # every listed file once: the engines' ONNX files when they read them, the others when the folder is opened
+        listed = json.loads((folder / "manifest.json").read_text())["files"]
+        assert len(hashed) == len(listed) and any(name.startswith("onnx/") for name in listed)
+        monkeypatch.setattr(hashlib, "sha256", real_sha256)
+        checked = {"latents": 0, "strength": 0}
+        for name, key in (("check_latents", "latents"), ("check_strength", "strength")):
+            real = getattr(runtime_module, name)
+
+            def counted(*args, _real=real, _key=key, **kwargs):
+                checked[_key] += 1
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(runtime_module, name, counted)
+        w = _latents(3)
+        rt.edit(w, "a hat", [0.5, 1.0, 2.0])
+        assert checked == {"latents": 1, "strength": 1}
+        sampled = rt.sample_latents(2, seed=4)
+        assert isinstance(rt._mapping, LatentMapping)  # the synthesis network is never built for sampling
+        generator = load_module(folder / "generator.safetensors")
+        torch.testing.assert_close(sampled, sample_latents(generator, 2, seed=4), rtol=0, atol=0)

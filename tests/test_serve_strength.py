@@ -23,9 +23,9 @@ def test_strength_against_float64():
     want = w.double() + s.double().view(-1, 1, 1) * (w_edit.double() - w.double())
     got = apply_strength(w, w_edit, s)
     assert (got.double() - want).abs().max() <= 1e-6 * want.abs().max()
-    assert torch.equal(apply_strength(w, w_edit, 0.0), w)
-    assert apply_strength(w, w_edit, 1.0) is w_edit
-    assert torch.equal(apply_strength(w, w_edit, [0.25]), apply_strength(w, w_edit, 0.25))
+    assert torch.equal(apply_strength(w, w_edit, check_strength(0.0, 3)), w)
+    assert apply_strength(w, w_edit, check_strength(1.0, 3)) is w_edit
+    assert torch.equal(apply_strength(w, w_edit, check_strength([0.25], 3)), apply_strength(w, w_edit, check_strength(0.25, 3)))
 
 
 @pytest.mark.parametrize("strength, fragment", [

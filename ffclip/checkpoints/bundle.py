@@ -14,13 +14,14 @@ import torch
 from ..config import GeneratorConfig, MapperConfig, TextConfig, from_dict, to_dict
 from ..errors import CheckpointError
 from ..models import Encoder4Editing, Generator, Mapper, TextEncoder
+from ..models.generator import LatentMapping
 from ..models.encoder import EncoderConfig
 from .bundle_format import Bundle, load_bundle, save_bundle
 from .clip import clip_module
 from .detect import build_checked
 from .photo import uninitialised
 
-__all__ = ["Bundle", "load_bundle", "load_module", "module_from_bundle", "save_bundle", "save_module"]
+__all__ = ["Bundle", "load_bundle", "load_latent_mapping", "load_module", "module_from_bundle", "save_bundle", "save_module"]
 
 
 def save_module(path: str | os.PathLike, module: torch.nn.Module, extra: dict[str, Any] | None = None) -> Path:
@@ -58,3 +59,17 @@ def module_from_bundle(bundle: Bundle) -> torch.nn.Module:
 def load_module(path: str | os.PathLike, expect_kind: str | None = None) -> torch.nn.Module:
     """Load the stage saved by `save_module`."""
     return module_from_bundle(load_bundle(path, expect_kind))
+
+
+def load_latent_mapping(path: str | os.PathLike) -> LatentMapping:
+    """The mapping network and average latent of a generator bundle, checked like `load_module` checks the whole."""
+    bundle = load_bundle(path, "generator")
+    found = "an ffclip generator bundle"
+    try:
+        config = from_dict(GeneratorConfig, bundle.config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{bundle.path}: {found} with an unusable config ({exc})") from None
+    state = {k: v for k, v in bundle.state_dict.items() if k == "w_avg" or k.startswith("mapping_network.")}
+    return build_checked(config, LatentMapping, state, bundle.path, found,
+                         "an ffclip bundle holds the config and tensors that save_module wrote")
+

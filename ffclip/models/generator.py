@@ -168,3 +168,18 @@ class Generator(nn.Module):
         z = torch.randn(num_samples, self.config.style_dim, generator=g).to(self.w_avg.device)
         self.w_avg.copy_(self.mapping_network(z).mean(0))
         return self.w_avg
+
+
+class LatentMapping(nn.Module):
+    """The mapping half of a `Generator` (its tensors keep the generator's names): enough to sample latents
+    (`ffclip.latents.sample_latents`) without building the synthesis network."""
+
+    def __init__(self, config: GeneratorConfig):
+        super().__init__()
+        self.config = config
+        self.mapping_network = MappingNetwork(config.style_dim, config.n_mlp, config.lr_mlp)
+        self.register_buffer("w_avg", torch.zeros(config.style_dim))
+
+    num_ws = Generator.num_ws
+    mapping = Generator.mapping
+
