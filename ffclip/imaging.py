@@ -47,7 +47,7 @@ def save_grid(
     labels = [f"#{r + 1}" for r in range(count)] if row_labels is None else list(row_labels)
     if len(labels) != count:
         raise ValueError(f"{len(labels)} row labels for {count} rows")
-    tile = res * math.ceil(MIN_TILE / res) if res < MIN_TILE else res
+    tile = grid_tile(res)
     font = ImageFont.load_default(size=max(13, tile // 24))
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
@@ -77,6 +77,12 @@ def save_grid(
     with atomic_file(path) as tmp:
         canvas.save(tmp, format="PNG")
     return Path(path)
+
+
+def grid_tile(res: int) -> int:
+    """The side of a grid tile for pictures of `res` pixels: `res`, enlarged by a whole factor to at least
+    `MIN_TILE`."""
+    return res * math.ceil(MIN_TILE / res) if res < MIN_TILE else res
 
 
 def _longest_start(text: str, room: float, measure: Callable[[str], float], suffix: str = "") -> int:

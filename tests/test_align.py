@@ -38,6 +38,7 @@ from ffclip.align import (
     points_from_mesh,
 )
 from ffclip.errors import CheckpointError, InputError
+from ffclip.imaging import GAP, grid_tile
 from ffclip.photos import read_photo
 from test_cli import assert_user_error
 from test_photo_cli import PRESET, StandInEncoder, stand_in  # noqa: F401 (stand_in is a fixture)
@@ -447,7 +448,10 @@ def test_edit_aligns_the_photos_it_shows(monkeypatch, capsys, tmp_path, stand_in
     aligned = align_face(np.asarray(Image.open(paths[0])), np.array(SMALL, dtype=np.float64), 256)
     shown = read_photo(paths[0], res, align=lambda photo, size, where: aligned)
     shown = ((shown + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    assert np.array_equal(grid[grid.shape[0] - res:, :res], shown)
+    tile = grid_tile(res)
+    shown = shown.repeat(tile // res, axis=0).repeat(tile // res, axis=1)
+    left = grid.shape[1] - 3 * tile - 2 * GAP  # column 0 of photo, inversion and one prompt
+    assert np.array_equal(grid[grid.shape[0] - tile:, left:left + tile], shown)
 
 
 def test_align_errors_are_one_line_and_write_nothing(monkeypatch, capsys, tmp_path, stand_in, landmarks):  # noqa: F811

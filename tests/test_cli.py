@@ -9,6 +9,7 @@ from PIL import Image
 from ffclip.checkpoints.bundle import save_module
 from ffclip.config import DEFAULT_PRESET, MapperConfig, get_preset
 from ffclip.factory import build_mapper
+from ffclip.imaging import GAP, grid_tile
 
 NUM_WS = get_preset(DEFAULT_PRESET).generator.num_ws
 RES = get_preset(DEFAULT_PRESET).generator.resolution
@@ -40,9 +41,9 @@ def test_edit_on_embedded_default_writes_grid_and_latents(monkeypatch, capsys, t
                             "--out", out, "--device", "cpu")
     assert code == 0, err
     assert "seeded random" not in err  # the default preset ships trained weights
-    header_and_rows = Image.open(out).size
-    assert header_and_rows[0] == 3 * RES
-    assert header_and_rows[1] > 2 * RES
+    width, height = Image.open(out).size
+    tile = grid_tile(RES)  # three columns (original, two prompts) of two rows, a label margin and a title header
+    assert width > 3 * tile + 2 * GAP and height > 2 * tile + GAP
     latents = np.load(tmp_path / "grid_latents.npy")
     assert latents.shape == (2, 2, NUM_WS, DIM) and latents.dtype == np.float32
     assert f"wrote {out}" in stdout

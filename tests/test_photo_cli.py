@@ -14,6 +14,7 @@ from cli_runner import run_cli as run
 from PIL import Image
 
 from ffclip.config import DEFAULT_PRESET, get_preset
+from ffclip.imaging import GAP, grid_tile
 from ffclip.photos import read_photo
 from reference_photo_models import e4e_weights
 from test_cli import assert_user_error
@@ -138,11 +139,13 @@ def test_edit_photos_writes_photo_inversion_and_edits(monkeypatch, capsys, tmp_p
     code, stdout, err = run(monkeypatch, capsys, *args)
     assert code == 0, err
     res = PRESET.resolution
+    tile = grid_tile(res)
     grid = np.asarray(Image.open(out).convert("RGB"))
-    header = grid.shape[0] - 2 * res
-    assert grid.shape[1] == 3 * res and header > 0
+    assert grid.shape[1] > 3 * tile + 2 * GAP and grid.shape[0] > 2 * tile + GAP
     shown = ((read_photo(paths[1], res) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    assert np.array_equal(grid[header + res:, :res], shown)  # column 0, row 1: the second photo itself
+    shown = shown.repeat(tile // res, axis=0).repeat(tile // res, axis=1)
+    left = grid.shape[1] - 3 * tile - 2 * GAP  # column 0 of 3, last row: the second photo itself
+    assert np.array_equal(grid[-tile:, left:left + tile], shown)
     assert "3 columns x 2 rows" in stdout
     assert np.load(tmp_path / "grid_latents.npy").shape == (1, 2, PRESET.num_ws, PRESET.style_dim)
 
