@@ -16,6 +16,7 @@ def edit_columns(stages: Runtime, latents: torch.Tensor, prompts: Sequence[str],
     """The columns (the originals of `latents` `[B, L, D]`, then their edit by each prompt at `strength`, each
     uint8 `[B, R, R, 3]`) and the edited latents `[P, B, L, D]`, prompt by prompt; `on_progress` hears each step."""
     say = on_progress or (lambda message: None)
+    stages.encode_text(list(prompts))  # every prompt is checked, by its own number, before any picture is drawn
     say(f"rendering {latents.shape[0]} original(s) at {stages.resolution} px")
     columns = [stages.synthesize(latents)]
     edited = []

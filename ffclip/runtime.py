@@ -112,8 +112,8 @@ class Runtime:
 
         options = (manifest["model"], mapping)
         no_encoder = (f"{folder}: no encoder stage, so photos cannot be inverted; re-export the folder with "
-                      "ffclip-export --encoder e4e_ffhq_encode.pt, or give the e4e checkpoint itself (ffclip --encoder, "
-                      "Runtime.use_encoder)")
+                      "ffclip-export --encoder e4e_ffhq_encode.pt, or give the e4e checkpoint itself (--encoder of "
+                      "ffclip edit and ffclip invert, Runtime.use_encoder)")
         limits = (max_batch, cache_size, memory_budget_mib, no_encoder)
         if backend != "auto":
             if expected_sha256 is None and backend in BACKENDS and not BACKENDS[backend].data_only:

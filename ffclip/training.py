@@ -327,7 +327,8 @@ class MapperTrainer:
                 raise ValueError(f"a training state of format {state['format']!r}, not {TRAIN_STATE_FORMAT!r}")
             saved = from_dict(MapperConfig, state["mapper_config"])
         except Exception as exc:  # a damaged, foreign or refused file can raise almost anything
-            raise InputError(f"{path}: cannot resume from it ({summarize(exc)}); start again without --resume") from None
+            raise InputError(f"{path}: cannot resume from it ({summarize(exc)}); start again with --force instead of "
+                             "--resume") from None
         if saved != self.mapper.config:
             raise InputError(f"{path}: the saved mapper has config {saved}, this run uses {self.mapper.config}")
         try:
@@ -340,13 +341,16 @@ class MapperTrainer:
             self._torch_rng.set_state(state["torch_rng"])
             self._rng.setstate((3, tuple(state["prompt_rng"]), None))
             history = [StepLosses(*h) for h in state["history"]]
+            if len(history) != step:
+                raise ValueError(f"its step is {step} but its loss history holds {len(history)} steps")
             validation = [(int(step), float(loss)) for step, loss in state.get("validation", [])]
         except Exception as exc:  # the same: any part of the state may be damaged
-            raise InputError(f"{path}: cannot resume from it ({summarize(exc)}); start again without --resume") from None
+            raise InputError(f"{path}: cannot resume from it ({summarize(exc)}); start again with --force instead of "
+                             "--resume") from None
         broken = _non_finite_weight(self.mapper)
         if broken is not None:
             raise InputError(f"{path}: cannot resume from it: the mapper weight {broken} holds NaN or infinity (a "
-                             "diverged run); start again without --resume, with a lower --lr")
+                             "diverged run); start again with --force instead of --resume, with a lower --lr")
         self.step = step
         self.history = history
         self.validation = validation
@@ -380,8 +384,9 @@ class MapperTrainer:
         if bad_loss is None and bad_weight is None:
             return
         what = f"the {bad_loss} loss is {values[bad_loss]}" if bad_loss else f"the weight {bad_weight} is not finite"
-        raise Diverged(f"training diverged at step {self.step} ({what}); nothing of it was saved, the files in {out} "
-                       "are from the last good save: lower --lr and start again, or --resume from them")
+        kept = (f"the files in {out} are from the last good save: lower --lr and start again, or --resume from them"
+                if (Path(out) / "train_state.pt").is_file() else "no step was saved: lower --lr and start again")
+        raise Diverged(f"training diverged at step {self.step} ({what}); nothing of it was saved; {kept}")
 
 
 def _non_finite_weight(module: torch.nn.Module) -> str | None:

@@ -179,3 +179,11 @@ def test_export_refuses_formats_none_of_which_build_here(monkeypatch, capsys, tm
                        "--out", tmp_path / "out")
     assert_user_error(code, err, "--formats tensorrt", "onnx")
     assert not (tmp_path / "out").exists()
+
+
+def test_edit_names_the_empty_prompt_by_its_number_before_drawing(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "grid.png"
+    code, _, err = run(monkeypatch, capsys, "edit", "--num", 1, "--prompt", "make it red", "--prompt", " ",
+                       "--prompt", "make it blue", "--out", out, "--device", "cpu")
+    assert_user_error(code, err, "prompt 1 is empty")
+    assert "rendering" not in err and not out.exists()

@@ -174,7 +174,10 @@ def test_encode_and_invert(url, pipeline):
     got = torch.tensor(json.loads(body)["embeddings"])
     assert torch.allclose(got, pipeline.encode_text(["a red circle", "a blue square"]), atol=1e-5)
     code, _, body = call(url, "/v1/invert", {"image": "..."})
-    assert code == 501 and "no inversion encoder" in json.loads(body)["error"]
+    assert code == 501 and "ffclip invert" in json.loads(body)["error"]
+    for path, body, status in (("/nope", None, 404), ("/v1/edit", None, 405)):  # unknown path, GET on a POST route
+        code, _, answer = call(url, path, body)
+        assert code == status and one_line_error(answer).startswith(f"GET {path}: ")
 
 
 def one_line_error(answer: bytes) -> str:

@@ -72,7 +72,7 @@ def test_a_first_run_that_diverges_writes_no_mapper(monkeypatch, capsys, tmp_pat
     out = tmp_path / "run"
     code, _, err = run_cli(monkeypatch, capsys, "train", *stages, "--out", out, "--lr", "1e30", "--steps", "6",
                            "--save-every", "100")
-    one_line(code, err, "diverged at step")
+    one_line(code, err, "diverged at step", "no step was saved")
     assert not (out / "mapper.safetensors").exists() and not (out / "train_state.pt").exists()
 
 
@@ -85,12 +85,12 @@ def _damage(state: dict, how: str) -> None:
     elif how == "moment shape":
         moments["exp_avg"] = moments["exp_avg"].flatten()[:3].clone()
     else:
-        state["step"] = {"step abc": "abc", "step nan": float("nan"), "step true": True}[how]
+        state["step"] = {"step abc": "abc", "step nan": float("nan"), "step true": True, "step past history": 10**30}[how]
 
 
 @pytest.mark.parametrize(("how", "fragment"), [
     ("nan weight", "NaN"), ("nan moment", "NaN"), ("moment shape", "shape"),
-    ("step abc", "'abc'"), ("step nan", "nan"), ("step true", "True"),
+    ("step abc", "'abc'"), ("step nan", "nan"), ("step true", "True"), ("step past history", "loss history holds"),
 ])
 def test_a_damaged_state_is_refused_in_one_line(monkeypatch, capsys, tmp_path, stages, trained, how, fragment):
     out = tmp_path / "run"
@@ -100,7 +100,7 @@ def test_a_damaged_state_is_refused_in_one_line(monkeypatch, capsys, tmp_path, s
     torch.save(state, out / "train_state.pt")
     files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     code, _, err = run_cli(monkeypatch, capsys, "train", *stages, "--out", out, "--resume", "--steps", "3")
-    one_line(code, err, "cannot resume", fragment)
+    one_line(code, err, "cannot resume", fragment, "--force")
     assert unchanged(out, files)
 
 

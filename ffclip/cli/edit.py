@@ -23,7 +23,8 @@ def _say(message: str) -> None:
     "--latents",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="w+ latents to edit (.npy or .pt, [B,L,512] or [B,512]); default: sample with --seed/--num.",
+    help="w+ latents to edit (.npy or .pt, [B,L,D] or [B,D]: the generator's style layers and width, [B,10,128] "
+         "for the world); default: sample with --seed/--num.",
 )
 @click.option(
     "--image",

@@ -31,7 +31,7 @@ _WEIGHT = click.FloatRange(0)
               help="Adam's learning rate, halved at 50, 75, 90 and 95% of --steps.")
 @click.option("--save-every", type=click.IntRange(1), default=TrainConfig.save_every, show_default=True)
 @click.option("--latents", type=_FILE, default=None,
-              help="Training latents [N,L,512] (.npy/.pt): e4e inversions of face photos, as `ffclip invert` writes "
+              help="Training latents [N,L,D] (.npy/.pt): e4e inversions of face photos, as `ffclip invert` writes "
               "them, are the intended source. Without it latents are sampled from the generator.")
 @click.option("--prompts", "prompts_file", type=_FILE, default=None,
               help="Text file with one training prompt per line.")

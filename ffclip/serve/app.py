@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
@@ -75,6 +76,13 @@ class Refusal(Exception):
 
 def _error(code: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": " ".join(message.split())}, status_code=code, headers=headers or None)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths and methods answer in the API's one-line form too."""
+    return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}; the API is GET /healthz, "
+                                   "GET /metrics, POST /v1/edit, /v1/encode and /v1/invert")
 
 
 def _declared_size(request: Request) -> int | None:
@@ -229,8 +237,8 @@ class Gateway:
 
     async def _invert(self) -> Response:
         info = await self._editor_info()
-        return _error(501, f"{info['source']} holds no inversion encoder (ffclip exports none yet); "
-                           "invert the photo elsewhere, e.g. with e4e, and send its latents to /v1/edit")
+        return _error(501, f"this service does not invert photos ({info['source']}); invert them with ffclip invert "
+                           "(or Runtime.invert on a folder exported with --encoder) and send the latents to /v1/edit")
 
 
 def build_app(config: ServeConfig) -> serve.Application:
