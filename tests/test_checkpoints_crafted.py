@@ -225,22 +225,17 @@ def test_an_e4e_file_naming_thousands_of_style_heads_is_refused_before_building(
     assert seen.largest < 2**20
 
 
-def test_a_face_parser_of_an_outsized_width_is_refused_before_any_allocation(tmp_path):
+@pytest.mark.parametrize("width, fragments", [
+    (16384, ("unusable config", "width", "16384")),  # past the limits: refused on the config alone
+    (512, ("do not match",)),  # within them: still refused on the tensors before anything is allocated
+])
+def test_a_face_parser_is_refused_before_any_allocation(tmp_path, width, fragments):
     path = tmp_path / "parsenet.pth"
-    torch.save({"conv1.conv1.0.weight": torch.zeros(()).expand(16384, 3, 3, 3),
-                "final.weight": torch.zeros(()).expand(19, 16384, 1, 1)}, path)
+    torch.save({"conv1.conv1.0.weight": torch.zeros(()).expand(width, 3, 3, 3),
+                "final.weight": torch.zeros(()).expand(19, width, 1, 1)}, path)
     assert path.stat().st_size < 4096
     with Allocations() as seen:
-        _refused(load_face_parser, path, "unusable config", "width", "16384")
-    assert seen.largest < 2**20
-
-
-def test_a_face_parser_within_the_bounds_is_still_not_allocated_before_its_tensors_are_checked(tmp_path):
-    path = tmp_path / "parsenet.pth"
-    torch.save({"conv1.conv1.0.weight": torch.zeros(()).expand(512, 3, 3, 3),
-                "final.weight": torch.zeros(()).expand(19, 512, 1, 1)}, path)
-    with Allocations() as seen:
-        _refused(load_face_parser, path, "do not match")
+        _refused(load_face_parser, path, *fragments)
     assert seen.largest < 2**20
 
 
