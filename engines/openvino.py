@@ -23,8 +23,8 @@ from ffclip.engines.base import EngineUnavailable, StageEngine
 from ffclip.errors import summarize
 
 MODES = ("auto", "latency", "throughput")
-# inference precision hint per ffclip precision name
-INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+# inference precision hint per ffclip precision name; an int8 model computes its layers left in float in f32
+INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 def openvino_reason() -> str | None:
@@ -35,11 +35,15 @@ def openvino_reason() -> str | None:
 
 
 def cpu_capabilities() -> tuple[str, list[str]]:
-    """The name of this CPU and its capabilities ("FP32", "BF16", ...) as OpenVINO reports them."""
+    """The name of this CPU and its capabilities ("FP32", "BF16", ...) as OpenVINO reports them, with "VNNI" and
+    "AMX" added where the CPU has AVX-512 VNNI or AMX tiles (OpenVINO reports "INT8" on any CPU)."""
     import openvino as ov
 
     core = ov.Core()
-    return core.get_property("CPU", "FULL_DEVICE_NAME"), list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    capabilities = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    capabilities += [name for name, present in (("VNNI", torch.cpu._is_vnni_supported()),
+                                                ("AMX", torch.cpu._is_amx_tile_supported())) if present]
+    return core.get_property("CPU", "FULL_DEVICE_NAME"), capabilities
 
 
 def bf16_reason() -> str | None:
@@ -51,6 +55,18 @@ def bf16_reason() -> str | None:
     if "BF16" in capabilities:
         return None
     return f"this CPU ({name}) has neither AVX-512 BF16 nor AMX"
+
+
+def int8_reason() -> str | None:
+    """Why OpenVINO cannot compute int8 quickly on this CPU, or None when it can (AVX-512 VNNI or AMX); without them
+    an int8 model runs slower than float32."""
+    reason = openvino_reason()
+    if reason is not None:
+        return reason
+    name, capabilities = cpu_capabilities()
+    if "VNNI" in capabilities or "AMX" in capabilities:
+        return None
+    return f"this CPU ({name}) has neither AVX-512 VNNI nor AMX"
 
 
 class OpenVinoEngine(StageEngine):
@@ -76,6 +92,14 @@ class OpenVinoEngine(StageEngine):
             if reason is not None:
                 raise EngineUnavailable(
                     f"{folder}: the {stage.name} OpenVINO model computes in bf16, but {reason}; "
+                    "re-export with --precision fp32"
+                )
+        self._quantization = stage.entry.get("openvino", {}).get("quantization")
+        if self._quantization is not None:
+            reason = int8_reason()
+            if reason is not None:
+                raise EngineUnavailable(
+                    f"{folder}: the {stage.name} OpenVINO model is quantized to int8, but {reason}; "
                     "re-export with --precision fp32"
                 )
         self._core = ov.Core()

@@ -20,7 +20,8 @@ from torch import nn
 
 from ffclip.artifacts import MANIFEST, PHOTO_SIZE, model_facts, read_manifest, sha256, write_manifest
 from ffclip.atomic import atomic_dir
-from ffclip.backends import EAGER_ARTIFACT, FORMATS, Backend, by_artifact, compute_precision, needed_artifacts
+from ffclip.backends import (EAGER_ARTIFACT, FORMATS, Backend, by_artifact, compute_precision, needed_artifacts,
+                             precision_refusal)
 from ffclip.checkpoints.bundle import save_module
 from ffclip.engines import engine_class
 from ffclip.errors import FfclipError, InputError, summarize
@@ -192,7 +193,9 @@ def check_buildable(options: ExportOptions) -> None:
 
 def _machine_reason(fmt: str, options: ExportOptions) -> str | None:
     """Why this machine cannot build `fmt` for the options, or None when it can."""
-    return by_artifact(fmt).build_module().skip_reason(options)
+    record = by_artifact(fmt)
+    refusal = precision_refusal(record.name, options.precision, record.check_device(options.device))
+    return refusal or record.build_module().skip_reason(options)
 
 
 def _skip_reason(record: Backend, entry: dict[str, Any], options: ExportOptions) -> str | None:

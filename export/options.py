@@ -8,10 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from ffclip.artifacts import PHOTO_SIZE
-from ffclip.backends import FORMATS, PRECISIONS, needed_artifacts
+from ffclip.backends import EXPORT_PRECISIONS, FORMATS, needed_artifacts
 from ffclip.errors import InputError
 
 DEFAULT_OPSET = 18
+# inputs an int8 export calibrates each quantized stage on: enough for stable activation ranges on the world and
+# random presets
+DEFAULT_CALIBRATION_SAMPLES = 300
 
 
 @dataclass(frozen=True)
@@ -27,10 +30,14 @@ class ExportOptions:
     device: torch.device = torch.device("cpu")
     # the encoder stage's input size; the released e4e encoder reads 256 px (smaller sizes keep tests quick)
     photo_size: int = PHOTO_SIZE
+    # inputs an int8 export calibrates each quantized stage on (`ffclip.export.calibration`)
+    calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise InputError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
+        if self.precision not in EXPORT_PRECISIONS:
+            raise InputError(f"unknown precision {self.precision!r}; use {', '.join(EXPORT_PRECISIONS)}")
+        if self.calibration_samples < 1:
+            raise InputError(f"calibration samples must be at least 1, got {self.calibration_samples}")
         unknown = sorted(set(self.formats) - set(FORMATS))
         if unknown or not self.formats:
             raise InputError(f"unknown formats {unknown or '(none given)'}; choose from {', '.join(FORMATS)}")

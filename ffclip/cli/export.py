@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..backends import FORMATS, PRECISIONS, REGISTRY, compute_precision
+from ..backends import EXPORT_PRECISIONS, FORMATS, REGISTRY, compute_precision
 from ..export.options import ExportOptions
 from .options import StageSources, stage_options
 
@@ -16,8 +16,10 @@ _DEFAULTS = ExportOptions()
 
 @click.command()
 @stage_options
-@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
-              help="TensorRT build precision (and TorchScript compute precision on CUDA); bf16 where TensorRT allows.")
+@click.option("--precision", type=click.Choice(list(EXPORT_PRECISIONS)), default="fp32", show_default=True,
+              help="TensorRT build precision (and TorchScript compute precision on CUDA); bf16 where TensorRT allows. "
+                   "int8: OpenVINO quantizes the text encoder and generator, calibrated on the preset's prompts and "
+                   "latents; the other formats are skipped (the ONNX file stays float32).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Artifact folder (default artifacts/export/<preset>); replaced atomically, and only when it is an "
                    "artifact folder (see --force).")
