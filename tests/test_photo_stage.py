@@ -27,6 +27,7 @@ from ffclip.config import GeneratorConfig, MapperConfig
 from ffclip.errors import InputError
 from ffclip.export.exporter import ExportOptions, export_artifacts
 from ffclip.factory import build_preset
+from ffclip.imaging import GAP, grid_tile
 from ffclip.models import Encoder4Editing
 from ffclip.models.encoder import EncoderConfig
 from ffclip.photos import photo_batch, read_photo
@@ -149,7 +150,11 @@ def test_photo_to_edit_from_one_folder(exported, monkeypatch, capsys, tmp_path):
     assert "3 columns x 2 rows" in stdout and f"the encoder stage of {folder}" in err
     grid = np.asarray(Image.open(out).convert("RGB"))
     res = PRESET.generator.resolution
-    assert np.array_equal(grid[grid.shape[0] - 2 * res:, 2 * res:], torch.cat(list(expected_images)).numpy())
+    tile = grid_tile(res)
+    for row, image in enumerate(expected_images.numpy()):  # the last column, its two rows from the bottom edge
+        top = grid.shape[0] - (2 - row) * tile - (1 - row) * GAP
+        shown = image.repeat(tile // res, axis=0).repeat(tile // res, axis=1)
+        assert np.array_equal(grid[top:top + tile, grid.shape[1] - tile:], shown)
     assert torch.allclose(torch.from_numpy(np.load(tmp_path / "grid_latents.npy"))[0], expected_latents, atol=1e-6)
 
     codes = tmp_path / "codes.npy"
