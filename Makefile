@@ -34,7 +34,7 @@ world: install
 	$(PY) -m ffclip.world.build --out artifacts/world --threads $(THREADS)
 
 test: install
-	$(PY) -m pytest -q -n 2 --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The prepared GPU check, with the machine's own Python and packages (no install; .venv's Python where there is one):
 # kernels, mapper and generator forms, the whole edit and TensorRT graph replay, into

@@ -131,7 +131,8 @@ def test_a_crash_during_a_save_leaves_a_step_that_resumes(tmp_path, monkeypatch)
 def test_resume_from_a_folder_an_earlier_version_wrote(tmp_path):
     """Earlier saves: the mapper only in mapper.safetensors, train_state.pt without it; usable when the steps agree."""
     trainer = tiny_trainer(steps=4)
-    trainer.step = 3
+    for _ in range(3):
+        trainer.train_step()
     trainer.save(tmp_path)
     state = torch.load(tmp_path / "train_state.pt", weights_only=True)
     for key in ("format", "mapper", "mapper_config"):
