@@ -24,7 +24,8 @@ from ffclip.engines import EngineUnavailable, engine_class
 if TYPE_CHECKING:  # the runtime imports torch's compiler, and with it Triton, which `--gpu-check --dry-run` must not
     from ffclip.runtime import Runtime
 
-STAGES = ("text", "mapper", "generator", "edit")
+# what the bench times: each exported stage alone (the text encoder as "text") and the whole edit
+TIMED_STAGES = ("text", "mapper", "generator", "edit")
 # the eager modules through torch.compile: a backend of the benchmark only, over the eager backend's weights
 COMPILE = "compile"
 # backends served from an artifact folder through `Runtime.load`; the eager backend runs the modules in process

@@ -21,7 +21,7 @@ from ffclip.cli.options import expect_sha256_option, preset_given
 from ffclip.errors import FfclipError, InputError
 from ffclip.stages import folder_preset
 
-from ffclip.benchmarks.backends import BACKENDS, PRECISIONS, STAGES
+from ffclip.benchmarks.backends import BACKENDS, PRECISIONS, TIMED_STAGES
 from ffclip.benchmarks.report import (
     FORMAT, FORMAT_VERSION, compare, compare_table, is_results_folder, load_results, markdown, rich_tables,
     write_results,
@@ -68,7 +68,7 @@ def _compare(paths: tuple[Path, Path]) -> None:
 @expect_sha256_option
 @click.option("--backends", default=",".join(BACKENDS), show_default=True,
               help="Comma-separated backends; those that cannot run here are listed as skipped with the reason.")
-@click.option("--stages", default=",".join(STAGES), show_default=True, help="Comma-separated stages.")
+@click.option("--stages", default=",".join(TIMED_STAGES), show_default=True, help="Comma-separated stages.")
 @click.option("--batch", "batch", default=None,
               help="Comma-separated batch sizes [default: 1,8 on the CPU, 1,8,32 on CUDA].")
 @click.option("--precision", default=",".join(PRECISIONS), show_default=True,
@@ -127,7 +127,7 @@ def bench(preset: str, artifacts: Path | None, expect_sha256: str | None, backen
     settings = Settings(
         preset=preset,
         device=str(resolved),
-        stages=parse_names(stages, STAGES, "--stages"),
+        stages=parse_names(stages, TIMED_STAGES, "--stages"),
         backends=parse_names(backends, BACKENDS, "--backends"),
         batches=parse_batches(batch or ("1,8,32" if cuda else "1,8")),
         precisions=parse_names(precision, PRECISIONS, "--precision"),

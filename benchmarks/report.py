@@ -14,7 +14,7 @@ from rich.table import Table
 from ffclip.atomic import atomic_dir, atomic_file
 from ffclip.errors import InputError
 
-from ffclip.benchmarks.backends import BACKENDS, STAGES
+from ffclip.benchmarks.backends import BACKENDS, TIMED_STAGES
 from ffclip.benchmarks.timing import SETTLE_RATIO, UNSTABLE_SPREAD
 
 FORMAT = "ffclip-bench"
@@ -68,7 +68,7 @@ def _order(value: str, known: tuple[str, ...]) -> int:
 
 
 def _sort_key(row: dict[str, Any]) -> tuple:
-    return _order(row["stage"], STAGES), row["batch"], row["precision"], _order(row["backend"], BACKENDS)
+    return _order(row["stage"], TIMED_STAGES), row["batch"], row["precision"], _order(row["backend"], BACKENDS)
 
 
 def measured(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
