@@ -97,3 +97,13 @@ def test_each_engine_computes_what_the_policy_says(bf16_export, backend):
             with ProductDtypes() as seen:
                 call()
             assert seen.seen == {PRECISIONS[compute_precision(stage, backend, "bf16", "cpu")]}, (backend, stage)
+
+
+def test_the_export_note_states_what_the_policy_gives_each_built_backend():
+    from ffclip.cli.export import _precision_note
+    from ffclip.export.options import ExportOptions
+
+    note = _precision_note(ExportOptions(precision="int8", formats=("openvino",)))
+    assert "openvino int8/fp32" in note and "onnxruntime fp32/fp32" in note
+    assert "tensorrt" not in note and "torchscript" not in note  # not built at int8, so not described
+    assert "eager bf16/bf16" in _precision_note(ExportOptions(precision="bf16", formats=("onnx",)))

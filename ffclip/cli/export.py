@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..backends import EXPORT_PRECISIONS, FORMATS, REGISTRY, compute_precision
+from ..backends import EAGER_ARTIFACT, EXPORT_PRECISIONS, FORMATS, REGISTRY, compute_precision, precision_refusal
 from ..export.options import ExportOptions
 from .options import StageSources, stage_options
 
@@ -70,7 +70,7 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
         for stage, path in files.items()
     }
     if precision != "fp32":
-        console.print(f"note: {_precision_note(precision, options.device)}")
+        console.print(f"note: {_precision_note(options)}")
     photo_encoder = None
     if encoder is not None:
         from ..checkpoints import load_encoder
@@ -96,14 +96,18 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
                "expected_sha256=...))")
 
 
-def _precision_note(precision: str, device) -> str:
-    """Which backends compute the generator in `precision` for an export on `device`, from the policy."""
-    reduced, full = [], []
+def _precision_note(options: ExportOptions) -> str:
+    """What the text encoder and generator compute in, per backend whose files this export builds, from the policy."""
+    built = []
     for record in REGISTRY:
-        held = compute_precision("generator", record.name, precision, record.check_device(device))
-        (reduced if held == precision else full).append(record.name)
-    return (f"{precision} applies to the text encoder and generator (the mapper stays fp32) in {', '.join(reduced)}; "
-            f"{', '.join(full)} compute in fp32 here; manifest.json records each stage's compute precision per format")
+        device = record.check_device(options.device)
+        if record.artifact not in (*options.built_formats, EAGER_ARTIFACT) or precision_refusal(
+                record.name, options.precision, device):
+            continue
+        held = [compute_precision(stage, record.name, options.precision, device) for stage in ("text_encoder", "generator")]
+        built.append(f"{record.name} {held[0]}/{held[1]}")
+    return (f"at --precision {options.precision}, text encoder/generator compute in: {', '.join(built)}; the mapper "
+            "computes in fp32 everywhere; manifest.json records each stage's compute precision per format")
 
 
 def _summary(console, table_cls, outcomes) -> None:
