@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .inputs import shown
+
 if TYPE_CHECKING:
     from .runtime import Runtime
 
@@ -21,7 +23,7 @@ def edit_columns(stages: Runtime, latents: torch.Tensor, prompts: Sequence[str],
     columns = [stages.synthesize(latents)]
     edited = []
     for i, prompt in enumerate(prompts):
-        say(f"editing [{i + 1}/{len(prompts)}] {prompt!r}")
+        say(f"editing [{i + 1}/{len(prompts)}] {shown(prompt)}")
         images, w_edit = stages.edit_with_latents(latents, prompt, strength)
         columns.append(images)
         edited.append(w_edit)

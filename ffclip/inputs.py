@@ -46,3 +46,9 @@ def check_embeddings(embeddings: torch.Tensor | np.ndarray, batch: int, dim: int
     if not torch.isfinite(e).all():
         raise InputError("embeddings contain NaN or Inf values")
     return e.float()
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """`text` as a message quotes it: its repr, cut after `limit` characters with the length said."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+

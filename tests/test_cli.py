@@ -187,3 +187,11 @@ def test_edit_names_the_empty_prompt_by_its_number_before_drawing(monkeypatch, c
                        "--prompt", "make it blue", "--out", out, "--device", "cpu")
     assert_user_error(code, err, "prompt 1 is empty")
     assert "rendering" not in err and not out.exists()
+
+
+def test_a_long_prompt_is_quoted_short_in_every_message(monkeypatch, capsys, tmp_path):
+    prompt = " ".join(f"word{i}" for i in range(700))  # 5,489 characters, every word unseen by the world
+    code, _, err = run(monkeypatch, capsys, "edit", "--num", 1, "--prompt", prompt, "--out", tmp_path / "g.png",
+                       "--device", "cpu")
+    assert code == 0, err[-500:]
+    assert len(err) < 2000 and "(5489 characters)" in err and "and 690 more" in err

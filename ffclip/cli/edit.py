@@ -138,6 +138,7 @@ def edit(
 def _say_unseen_words(prompts: tuple[str, ...], sources: StageSources, artifacts: Path | None) -> None:
     """Name, once per prompt, the words the world's text encoder never saw in training (they carry no meaning for
     it); other text encoders have no such list."""
+    from ..inputs import shown
     from ..stages import serves_world_text_encoder
     from ..world.vocabulary import unseen_words
 
@@ -146,6 +147,7 @@ def _say_unseen_words(prompts: tuple[str, ...], sources: StageSources, artifacts
     for prompt in dict.fromkeys(prompts):
         unseen = unseen_words(prompt)
         if unseen:
-            _say(f"note: {prompt!r}: the world's text encoder never saw {', '.join(map(repr, unseen))} in training, "
+            words = ", ".join(map(repr, unseen[:10])) + (f" and {len(unseen) - 10} more" if len(unseen) > 10 else "")
+            _say(f"note: {shown(prompt)}: the world's text encoder never saw {words} in training, "
                  "so the edit may not follow the prompt; use the world's words (its colours, shapes, sizes and "
                  "backgrounds)")
