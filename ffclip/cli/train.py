@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -162,11 +163,10 @@ def train(
     parser = (load_face_parser(face_parser, device=str(dev)) if face_parser is not None and lambda_background > 0
               else None)
 
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, save_every=save_every, seed=seed, prompts=prompts,
-                         lambda_clip=lambda_clip, lambda_latent=lambda_latent, lambda_embedding=lambda_embedding,
-                         lambda_identity=lambda_identity, lambda_background=lambda_background,
-                         embedding_resize=embedding_resize, val_every=val_every, dtype=dtype,
-                         truncation=truncation)
+    # every option named like a TrainConfig field sets it; the loss weights and prompts as resolved above
+    given = {**click.get_current_context().params, "prompts": prompts, "lambda_identity": lambda_identity,
+             "lambda_background": lambda_background}
+    config = TrainConfig(**{f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given})
     trainer = MapperTrainer(mapper, generator, text_encoder, config, latents=w, device=dev, identity_net=identity,
                             face_parser=parser, val_latents=held_out)
     first = trainer.rank == 0
