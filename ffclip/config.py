@@ -79,6 +79,8 @@ class Preset:
     description: str = ""
     # package whose `weights/` folder holds this preset's trained bundles; empty: the weights are seeded random
     weights: str = ""
+    # the packaged prompt set (`ffclip.training.prompt_set`) a mapper for this preset trains on by default
+    prompt_set: str = "faces"
 
     def weights_file(self, kind: str) -> Path | None:
         """The trained bundle of stage `kind` ("generator", "mapper", "text_encoder"), or None for seeded weights."""
@@ -146,6 +148,7 @@ PRESETS: dict[str, Preset] = {
         description="Embedded default, the shapes world (ffclip.world): a 64-pixel generator, a small CLIP with the "
         "real tokenizer and a mapper, all trained here by `make world`.",
         weights="ffclip.world",
+        prompt_set="world",
     ),
 }
 

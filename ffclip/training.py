@@ -37,7 +37,7 @@ from .photo_losses import background_loss, identity_loss
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-PROMPT_SETS = ("faces", "released")
+PROMPT_SETS = ("faces", "released", "world")
 EMBEDDING_RESIZES = ("bicubic", "antialiased")
 TRAIN_DTYPES = ("float32", "float64")
 TRAIN_STATE_FORMAT = "ffclip-train-state-2"
@@ -49,10 +49,15 @@ class Diverged(FfclipError):
 
 
 def prompt_set(name: str) -> tuple[str, ...]:
-    """A packaged prompt list: "faces" (the built-in face edits) or "released" (FFCLIP's training descriptions, a
-    repeated line weighting the draw as the released list does)."""
+    """A packaged prompt list: "faces" (the built-in face edits), "released" (FFCLIP's training descriptions, a
+    repeated line weighting the draw as the released list does) or "world" (the shapes world's seen edit prompts,
+    each attribute's to an equal share)."""
     if name not in PROMPT_SETS:
         raise InputError(f"unknown prompt set {name!r}; choose one of {', '.join(PROMPT_SETS)}")
+    if name == "world":
+        from .world.captions import balanced_edit_prompts
+
+        return tuple(balanced_edit_prompts())
     text = (Path(__file__).resolve().parent / "prompt_sets" / f"{name}.txt").read_text(encoding="utf-8")
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 

@@ -137,3 +137,15 @@ def test_bad_training_options_are_one_line(tmp_path, monkeypatch, capsys, given,
     code, _, err = run_cli(monkeypatch, capsys, "train", *given, "--out", tmp_path / "run", "--device", "cpu")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+
+
+def test_each_preset_trains_on_its_own_prompt_set_by_default():
+    from ffclip.cli.train import _prompts
+    from ffclip.config import PRESETS
+    from ffclip.training import prompt_set
+    from ffclip.world.vocabulary import unseen_words
+
+    assert _prompts(None, None, "world") == prompt_set("world") != prompt_set("faces")
+    assert not any(unseen_words(p) for p in prompt_set("world"))  # every word is one the world's CLIP learned
+    assert all(_prompts(None, None, name) == prompt_set(preset.prompt_set) for name, preset in PRESETS.items())
+    assert _prompts(None, "released", "world") == prompt_set("released")

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import torch
 
+from ..config import get_preset
 from ..errors import InputError
 from ..training import EMBEDDING_RESIZES, PROMPT_SETS, TRAIN_DTYPES, TrainConfig, prompt_set
 from ..stages import StageSources
@@ -37,9 +38,9 @@ _WEIGHT = click.FloatRange(0)
 @click.option("--prompts", "prompts_file", type=_FILE, default=None,
               help="Text file with one training prompt per line.")
 @click.option("--prompt-set", "prompt_set_name", type=click.Choice(PROMPT_SETS), default=None,
-              help="A packaged prompt list instead of --prompts: 'faces' (the default, built-in face edits) or "
-              "'released' (FFCLIP's training descriptions: emotions, ages, hair colours and styles, eyes, glasses, "
-              "make-up...).")
+              help="A packaged prompt list instead of --prompts (default: the preset's own): 'faces' (built-in face "
+              "edits), 'released' (FFCLIP's training descriptions: emotions, ages, hair colours and styles, eyes, "
+              "glasses, make-up...) or 'world' (the shapes world's edit prompts, the world preset's).")
 @click.option("--lambda-clip", type=_WEIGHT, default=TrainConfig.lambda_clip, show_default=True,
               help="Weight of the CLIP loss (edited image against its prompt).")
 @click.option("--lambda-latent", type=_WEIGHT, default=TrainConfig.lambda_latent, show_default=True,
@@ -134,7 +135,7 @@ def train(
     check_output_folder(out, "--out")
     if int(os.environ.get("RANK", "0")) == 0:  # only the first process writes, so only it holds the folder
         click.get_current_context().with_resource(run_lock(out))
-    prompts = _prompts(prompts_file, prompt_set_name)
+    prompts = _prompts(prompts_file, prompt_set_name, sources.preset)
     lambda_identity = _weight("--lambda-identity", lambda_identity, TrainConfig.lambda_identity, id_net,
                               "--id-net (model_ir_se50.pth)")
     lambda_background = _weight("--lambda-background", lambda_background, TrainConfig.lambda_background, face_parser,
@@ -207,11 +208,12 @@ def train(
         click.echo(f"best validation loss {loss:.4f} at step {step}: {out / 'best_mapper.safetensors'}")
 
 
-def _prompts(path: Path | None, name: str | None) -> tuple[str, ...]:
+def _prompts(path: Path | None, name: str | None, preset: str) -> tuple[str, ...]:
+    """The training prompts: the --prompts file, the --prompt-set, or the preset's own set (`Preset.prompt_set`)."""
     if path is not None and name is not None:
         raise InputError("--prompts and --prompt-set both given; choose one")
     if path is None:
-        return prompt_set(name or "faces")
+        return prompt_set(name or get_preset(preset).prompt_set)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -102,19 +102,12 @@ def _report_clip(out: Path) -> None:
 def _write_mapper_inputs(out: Path) -> None:
     from ..checkpoints import load_generator
     from ..latents import sample_latents, save_latents
-    from .captions import all_edit_prompts
+    from .captions import balanced_edit_prompts
 
     if not (out / "latents.npy").exists():
         generator = load_generator(out / "generator.safetensors")
         save_latents(out / "latents.npy", sample_latents(generator, NUM_LATENTS, seed=1, truncation=1.0))
-    # ffclip-train draws prompts uniformly from the file's lines: repeat each attribute's prompts so that every
-    # attribute gets the same share (colour has the most words and would otherwise crowd out the rest)
-    by_attribute: dict[str, list[str]] = {}
-    for prompt, attribute, _ in all_edit_prompts("seen"):
-        by_attribute.setdefault(attribute, []).append(prompt)
-    share = max(len(p) for p in by_attribute.values())
-    lines = [p for prompts in by_attribute.values() for p in (prompts * share)[:share]]
-    (out / "prompts.txt").write_text("\n".join(lines) + "\n")
+    (out / "prompts.txt").write_text("\n".join(balanced_edit_prompts()) + "\n")
 
 
 def _train_mapper(out: Path, threads: int) -> None:

@@ -123,3 +123,14 @@ def all_edit_prompts(split: str = "seen") -> list[tuple[str, str, str]]:
                         text = template.format(**{attribute: word, "thing": thing})
                         out.append((_articles(text), attribute, value))
     return list(dict.fromkeys(out))
+
+
+def balanced_edit_prompts() -> list[str]:
+    """The seen edit prompts, each attribute's repeated to an equal share: a trainer that draws lines uniformly then
+    asks for every attribute equally often (colour has the most words and would otherwise crowd out the rest)."""
+    by_attribute: dict[str, list[str]] = {}
+    for prompt, attribute, _ in all_edit_prompts("seen"):
+        by_attribute.setdefault(attribute, []).append(prompt)
+    share = max(len(p) for p in by_attribute.values())
+    return [p for prompts in by_attribute.values() for p in (prompts * share)[:share]]
+
