@@ -33,6 +33,10 @@ from ffclip.export.stages import FLOAT64_REFEREE, StageSpec, stage_specs
 from ffclip.export.tensorrt_build import TIMING_CACHE
 
 
+# (text encoder, mapper, generator)
+StageModules = tuple[nn.Module, nn.Module, nn.Module]
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one stage in one format."""
@@ -90,7 +94,7 @@ def check_replaceable(
 
 
 def export_artifacts(
-    modules: tuple[nn.Module, nn.Module, nn.Module],
+    modules: StageModules | Callable[[], StageModules],
     out: str | Path,
     options: ExportOptions,
     *,
@@ -99,15 +103,19 @@ def export_artifacts(
     progress: Callable[[str], None] = lambda message: None,
     force: bool = False,
     encoder: nn.Module | None = None,
+    encoder_name: str = "the encoder",
 ) -> ExportReport:
-    """Export (text encoder, mapper, generator) into `out`, and the photo `encoder` as a fourth stage when given.
-    The folder appears complete or not at all; a failure raises `ExportFailed` after every stage and format was
-    tried, so the report lists all problems. An existing `out` is replaced only when it is an artifact folder, or
-    with `force` (`check_replaceable`)."""
+    """Export (text encoder, mapper, generator) into `out`, and the photo `encoder` (named `encoder_name` in errors)
+    as a fourth stage when given. `modules` may be a function that loads them, called once `out` and the options have
+    passed their checks, so a refusal costs no loading. The folder appears complete or not at all; a failure raises
+    `ExportFailed` after every stage and format was tried, so the report lists all problems. An existing `out` is
+    replaced only when it is an artifact folder, or with `force` (`check_replaceable`)."""
     out = Path(out)
     check_replaceable(out, force)
     check_buildable(options)
-    specs = stage_specs(*modules, encoder, options.photo_size)
+    if callable(modules):
+        modules = modules()
+    specs = stage_specs(*modules, encoder, options.photo_size, encoder_name)
     stage_modules = (*modules, encoder) if encoder is not None else modules
     by_name = dict(zip(specs, (copy.deepcopy(m).cpu().float().eval() for m in stage_modules)))
     report = ExportReport(out)

@@ -151,12 +151,14 @@ def _photos(size: int) -> Callable[[int, torch.Generator], dict[str, torch.Tenso
 
 
 def stage_specs(text_encoder: TextEncoder, mapper: Mapper, generator: Generator,
-                encoder: Encoder4Editing | None = None, photo_size: int = PHOTO_SIZE) -> dict[str, StageSpec]:
+                encoder: Encoder4Editing | None = None, photo_size: int = PHOTO_SIZE,
+                encoder_name: str = "the encoder") -> dict[str, StageSpec]:
     """The stages' specs, read from the modules' configurations: the three of every edit, and the photo encoder
-    (inputs `photo_size` pixels on a side) when given; `InputError` when they do not fit together."""
+    (inputs `photo_size` pixels on a side) when given; `InputError` when they do not fit together (naming the
+    encoder as `encoder_name`)."""
     check_stages_fit(text_encoder, mapper, generator)
     if encoder is not None:
-        check_encoder_fits(encoder, generator.num_ws, generator.config.style_dim)
+        check_encoder_fits(encoder, generator.num_ws, generator.config.style_dim, encoder_name)
     model = model_facts(text_encoder, generator, None if encoder is None else photo_size)
     num_ws, dim = model["num_ws"], model["embed_dim"]
     inputs = {

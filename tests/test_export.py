@@ -101,3 +101,12 @@ def test_large_models_keep_their_weights_in_external_data(tmp_path, monkeypatch)
     (out,) = session.run(None, {"w": w.numpy()})
     with torch.no_grad():
         assert (torch.from_numpy(out) - generator(w)).abs().max() <= 1e-3
+
+
+def test_a_refused_folder_costs_no_loading(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    loads = []
+    with pytest.raises(InputError, match="pass --force"):
+        export_artifacts(lambda: loads.append(1), tmp_path / "mine", OPTIONS, preset="tiny", sources={})
+    assert not loads and (tmp_path / "mine" / "notes.txt").read_text() == "keep"

@@ -198,8 +198,10 @@ def test_the_encoder_must_fit_the_generator(exported, tmp_path):
     _, _, encoder, modules = exported
     with torch.device("meta"):
         wrong = Encoder4Editing(EncoderConfig(NUM_WS + 1))
-    with pytest.raises(InputError, match=r"gives latents \[B, 3, 512\] but the generator takes \[B, 2, 512\]"):
-        export_artifacts(modules, tmp_path / "out", OPTIONS, preset="tiny", sources={}, encoder=wrong)
+    with pytest.raises(InputError, match=r"^--encoder e4e.pt gives latents \[B, 3, 512\] but the generator takes "
+                                         r"\[B, 2, 512\]"):
+        export_artifacts(lambda: modules, tmp_path / "out", OPTIONS, preset="tiny", sources={}, encoder=wrong,
+                         encoder_name="--encoder e4e.pt")
     assert not (tmp_path / "out").exists()
     with pytest.raises(InputError, match=r"\[B, 3, 512\]"):
         EditPipeline(*modules, encoder=wrong)

@@ -46,8 +46,8 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
     from ..config import get_preset
     from ..factory import default_source
     from ..devices import resolve_device
-    from ..export.exporter import ExportFailed, check_buildable, check_replaceable, export_artifacts
-    from ..artifacts import check_encoder_fits, sha256
+    from ..export.exporter import ExportFailed, export_artifacts
+    from ..artifacts import sha256
 
     console = Console(stderr=True)
     options = ExportOptions(
@@ -60,8 +60,6 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
         device=resolve_device(device),
     )
     out = out or Path("artifacts") / "export" / sources.preset
-    check_replaceable(out, force)
-    check_buildable(options)
     preset = get_preset(sources.preset)
     files = {"text_encoder": sources.clip, "mapper": sources.mapper, "generator": sources.generator}
     described = {
@@ -78,15 +76,15 @@ def export(sources: StageSources, precision: str, out: Path | None, force: bool,
         console.print(f"loading the photo encoder {encoder}")
         photo_encoder = load_encoder(encoder)
         described["encoder"] = {"path": str(encoder), "sha256": sha256(encoder)}
-    console.print(f"loading the stages (preset {sources.preset})")
-    modules = sources.load("cpu")
-    if photo_encoder is not None:
-        generator = modules[2]
-        check_encoder_fits(photo_encoder, generator.num_ws, generator.config.style_dim, f"--encoder {encoder}")
+
+    def load_stages():
+        console.print(f"loading the stages (preset {sources.preset})")
+        return sources.load("cpu")
+
     try:
-        report = export_artifacts(modules, out, options, preset=sources.preset, sources=described,
+        report = export_artifacts(load_stages, out, options, preset=sources.preset, sources=described,
                                   progress=lambda message: console.print(f"  {message}"), force=force,
-                                  encoder=photo_encoder)
+                                  encoder=photo_encoder, encoder_name=f"--encoder {encoder}")
     except ExportFailed as exc:
         _summary(console, Table, exc.report.outcomes)
         raise
