@@ -17,8 +17,9 @@ import torch
 
 from ffclip.artifacts import STAGES as EXPORTED_STAGES
 from ffclip.backends import BACKENDS as RECORDS
+from ffclip.backends import EXPORT_PRECISIONS, INT8_MODES, QUANTIZED_PRECISIONS, REGISTRY, Backend, by_artifact
 from ffclip.backends import PRECISIONS as PRECISION_DTYPES
-from ffclip.backends import REGISTRY, Backend, by_artifact, compute_precision, needed_artifacts
+from ffclip.backends import compute_precision, needed_artifacts
 from ffclip.engines import EngineUnavailable, engine_class
 
 if TYPE_CHECKING:  # the runtime imports torch's compiler, and with it Triton, which `--gpu-check --dry-run` must not
@@ -31,7 +32,10 @@ COMPILE = "compile"
 # backends served from an artifact folder through `Runtime.load`; the eager backend runs the modules in process
 RUNTIME_BACKENDS = tuple(b.name for b in REGISTRY if b.name != "eager")
 BACKENDS = ("eager", COMPILE, *RUNTIME_BACKENDS)
-PRECISIONS = tuple(PRECISION_DTYPES)
+# every precision a cell may be asked for; the default runs the float ones, int8 (a quantized export, OpenVINO only)
+# when asked for
+PRECISIONS = EXPORT_PRECISIONS
+DEFAULT_PRECISIONS = tuple(PRECISION_DTYPES)
 # the formats of the export each runtime backend needs: one folder per group, so a format that fails leaves the
 # others usable; a backend that reads the eager weights (triton) is served by any folder, since every export has them
 EXPORT_GROUPS = {b.name: needed_artifacts(b.artifact) for b in REGISTRY if b.builder is not None}
@@ -53,7 +57,12 @@ def skip_reason(backend: str, precision: str, device: torch.device) -> str | Non
         return reason
     if precision == "fp16" and device.type == "cpu":
         return "fp16 on the CPU is not meaningful: no fast half-precision kernels there"
-    if precision != "fp32" and compute_precision("generator", record.name, precision, device) == "fp32":
+    if precision in QUANTIZED_PRECISIONS:
+        if not any(compute_precision(stage, record.name, precision, device) == precision for stage in INT8_MODES):
+            quantizers = ", ".join(b.name for b in REGISTRY if device.type in b.quantized_on) or "no backend"
+            return (f"the {backend} backend computes no stage in {precision} on {device.type} "
+                    f"(ffclip.backends.compute_precision; {quantizers} does)")
+    elif precision != "fp32" and compute_precision("generator", record.name, precision, device) == "fp32":
         return (f"the {backend} backend computes in fp32 on {device.type} whatever the export's precision "
                 f"(ffclip.backends.compute_precision); reduced precision runs in the eager backend")
     if record.builder is not None:

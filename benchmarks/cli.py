@@ -21,7 +21,7 @@ from ffclip.cli.options import expect_sha256_option, preset_given
 from ffclip.errors import FfclipError, InputError
 from ffclip.stages import folder_preset
 
-from ffclip.benchmarks.backends import BACKENDS, PRECISIONS, TIMED_STAGES
+from ffclip.benchmarks.backends import BACKENDS, DEFAULT_PRECISIONS, PRECISIONS, TIMED_STAGES
 from ffclip.benchmarks.report import (
     FORMAT, FORMAT_VERSION, compare, compare_table, is_results_folder, load_results, markdown, rich_tables,
     write_results,
@@ -71,8 +71,11 @@ def _compare(paths: tuple[Path, Path]) -> None:
 @click.option("--stages", default=",".join(TIMED_STAGES), show_default=True, help="Comma-separated stages.")
 @click.option("--batch", "batch", default=None,
               help="Comma-separated batch sizes [default: 1,8 on the CPU, 1,8,32 on CUDA].")
-@click.option("--precision", default=",".join(PRECISIONS), show_default=True,
-              help="Comma-separated precisions; fp16 on the CPU is listed as skipped.")
+@click.option("--precision", default=",".join(DEFAULT_PRECISIONS), show_default=True,
+              help=f"Comma-separated precisions of {','.join(PRECISIONS)}; fp16 on the CPU is listed as skipped. "
+                   "int8 runs the backends that quantize (OpenVINO on the CPU: the text encoder's weights int8, the "
+                   "generator float, ffclip.backends.INT8_MODES) from an int8 export; the others are listed as "
+                   "skipped.")
 @click.option("--warmup", type=click.IntRange(min=0), default=None,
               help="Untimed calls per cell before timing, besides the first (whose output is compared with eager "
                    f"fp32); then more until two consecutive calls that compiled nothing agree within {SETTLE_RATIO:g}x "

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ffclip.artifacts import STAGES as EXPORTED_STAGES
+from ffclip.backends import QUANTIZED_PRECISIONS
 from ffclip.engines import engine_class
 
 from ffclip.benchmarks.backends import RUNTIME_BACKENDS, export_group, skip_reason
@@ -113,10 +114,14 @@ Progress = Callable[[str, int], None]
 
 def held_precision(manifest: dict[str, Any], backend: str) -> str:
     """The precision a runtime backend computes in from an exported folder, as the export recorded it for the text
-    encoder and the generator (the mapper computes in fp32 everywhere): "mixed" when they differ."""
+    encoder and the generator (the mapper computes in fp32 everywhere): a quantized precision when either stage
+    computes it (the policy keeps the other stages float), else "mixed" when they differ."""
     artifact = engine_class(backend).artifact
     held = {manifest["stages"][stage].get("compute_precision", {}).get(artifact, "fp32")
             for stage in ("text_encoder", "generator")}
+    quantized = held.intersection(QUANTIZED_PRECISIONS)
+    if quantized:
+        return quantized.pop()
     return held.pop() if len(held) == 1 else "mixed"
 
 

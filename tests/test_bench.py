@@ -176,7 +176,7 @@ def test_compare_gives_b_over_a_for_matching_measured_rows(two_runs, capsys):
         (["--stages", ""], "empty --stages"),
         (["--batch", "1,0"], "--batch '1,0': expected comma-separated positive integers"),
         (["--batch", "one"], "--batch 'one': expected comma-separated positive integers"),
-        (["--precision", "int8"], "unknown --precision value 'int8'"),
+        (["--precision", "int4"], "unknown --precision value 'int4'"),
         (["--device", "tpu"], "unknown device 'tpu'"),
     ],
 )
