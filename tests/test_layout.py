@@ -147,3 +147,8 @@ def test_every_design_section_cited_exists() -> None:
             cited.setdefault(number, set()).add(path.relative_to(ROOT).as_posix())
     unknown = {n: sorted(paths) for n, paths in cited.items() if n not in sections}
     assert not unknown, f"DESIGN sections cited but absent: {unknown}"
+
+
+def test_the_readme_stays_short() -> None:
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; move detail to docs/"
