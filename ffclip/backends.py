@@ -46,8 +46,6 @@ class Backend:
     # the key of the manifest's per-stage "files" it reads
     artifact: str
     engine: str
-    # device types its engine runs on
-    devices: tuple[str, ...]
     # device types on which it computes a requested fp16/bf16 (elsewhere float32)
     reduced_on: tuple[str, ...]
     # its artifact holds data only (no program): `auto` may open it in a folder that is not pinned
@@ -83,32 +81,24 @@ class Backend:
 
 
 REGISTRY: tuple[Backend, ...] = (
-    Backend("tensorrt", "tensorrt", "ffclip.engines.tensorrt:TensorRTEngine", ("cuda",), ("cuda",), False,
+    Backend("tensorrt", "tensorrt", "ffclip.engines.tensorrt:TensorRTEngine", ("cuda",), False,
             auto_on=("cuda",), builder="ffclip.export.tensorrt_build", built_from="onnx"),
-    Backend("openvino", "openvino", "ffclip.engines.openvino:OpenVinoEngine", ("cpu",), ("cpu",), True,
+    Backend("openvino", "openvino", "ffclip.engines.openvino:OpenVinoEngine", ("cpu",), True,
             auto_on=("cpu",), builder="ffclip.export.openvino_export", built_from="onnx", check_on="cpu",
             quantized_on=("cpu",)),
-    Backend("onnxruntime", "onnx", "ffclip.engines.onnxruntime:OnnxRuntimeEngine", ("cpu", "cuda"), (), True,
+    Backend("onnxruntime", "onnx", "ffclip.engines.onnxruntime:OnnxRuntimeEngine", (), True,
             auto_on=("cpu", "cuda"), builder="ffclip.export.onnx_export", check_on="cpu"),
-    Backend("torchscript", "torchscript", "ffclip.engines.torchscript:TorchScriptEngine", ("cpu", "cuda"), ("cuda",),
-            False, auto_on=("cpu", "cuda"), builder="ffclip.export.torchscript_export"),
-    Backend("eager", EAGER_ARTIFACT, "ffclip.engines.eager:EagerEngine", ("cpu", "cuda"), ("cpu", "cuda"), True,
+    Backend("torchscript", "torchscript", "ffclip.engines.torchscript:TorchScriptEngine", ("cuda",), False,
+            auto_on=("cpu", "cuda"), builder="ffclip.export.torchscript_export"),
+    Backend("eager", EAGER_ARTIFACT, "ffclip.engines.eager:EagerEngine", ("cpu", "cuda"), True,
             auto_on=("cpu", "cuda")),
-    Backend("triton", EAGER_ARTIFACT, "ffclip.engines.triton:TritonEngine", ("cpu", "cuda"), ("cpu", "cuda"), True,
+    Backend("triton", EAGER_ARTIFACT, "ffclip.engines.triton:TritonEngine", ("cpu", "cuda"), True,
             interpreted_on=("cpu",)),
 )
 BACKENDS: dict[str, Backend] = {b.name: b for b in REGISTRY}
 # the artifacts an export can be asked for (`--formats`), in build order: what a format is built from comes first
 FORMATS: tuple[str, ...] = (tuple(b.artifact for b in REGISTRY if b.builder is not None and b.built_from is None)
                              + tuple(b.artifact for b in REGISTRY if b.builder is not None and b.built_from is not None))
-
-
-def backend(name: str) -> Backend:
-    """The record of backend `name`; `KeyError` naming the known ones otherwise."""
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        raise KeyError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}") from None
 
 
 def by_artifact(artifact: str) -> Backend:
